@@ -1,0 +1,67 @@
+"""`audio-rft <command>`: thin. Each command's module adds its own arguments and entry (`add_parser`),
+and is imported only when that command runs, so `audio-rft score` never pays for importing torch."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from audio_rft import UserError, __version__
+
+# command -> (module that defines add_parser(subparsers), one-line summary)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("audio_rft.pipeline", "run a pipeline YAML (default: pipelines/demo.yaml): dataset in, checkpoint and report out"),
+    "prepare": ("audio_rft.data.prepare", "build a prepared dataset (synth, avqa, mmau, jsonl, csv, hf)"),
+    "validate": ("audio_rft.data.prepare", "re-check a prepared dataset folder"),
+    "tiny-model": ("audio_rft.model", "build an offline tiny Qwen2-Audio preset (tiny or bench)"),
+    "sft": ("audio_rft.train.sft", "supervised fine-tuning (the baseline)"),
+    "grpo": ("audio_rft.train.grpo", "GRPO reinforcement fine-tuning"),
+    "infer": ("audio_rft.eval.infer", "batched greedy inference, MMAU prediction format"),
+    "score": ("audio_rft.eval.score", "score predictions with the MMAU rule"),
+    "report": ("audio_rft.eval.report", "compare scored runs with confidence intervals"),
+    "bench": ("audio_rft.bench", "performance benchmarks against R1-AQA's way"),
+    "plan": ("audio_rft.plan", "estimate GPU memory for a training config"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    epilog = "commands:\n" + "\n".join(f"  {name:<11} {summary}" for name, (_, summary) in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="audio-rft",
+        description="Reinforcement fine-tuning of audio language models on audio question answering.",
+        epilog=epilog + "\n\n`audio-rft COMMAND --help` explains each command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"audio-rft {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("command", nargs="?", choices=list(COMMANDS), metavar="COMMAND")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or bool(os.environ.get("AUDIO_RFT_DEBUG"))
+    argv = [a for a in argv if a != "--debug"]
+    top = _top_parser()
+    if not argv or argv[0] not in COMMANDS:
+        top.parse_args(argv)  # handles --help / --version / unknown commands
+        top.print_help()
+        sys.exit(2)
+    command = argv[0]
+    parser = argparse.ArgumentParser(prog="audio-rft", add_help=False)
+    subparsers = parser.add_subparsers(dest="command")
+    importlib.import_module(COMMANDS[command][0]).add_parser(subparsers, command)
+    args = parser.parse_args(argv)
+    try:
+        code = args.func(args)
+    except UserError as e:
+        if debug:
+            raise
+        print(f"audio-rft {command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"audio-rft {command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(int(code or 0))

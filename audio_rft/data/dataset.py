@@ -1,0 +1,159 @@
+"""A prepared dataset is a folder: data.jsonl, audio/, manifest.json, rejected.jsonl.
+
+`DatasetWriter` builds one in a temporary folder and renames it into place only when complete, so a
+crash never leaves a folder that looks prepared. `load_dataset` reads one back, naming file, line and
+field for anything wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from audio_rft import UserError
+from audio_rft.data.audio import SAMPLE_RATE, AudioInfo, write_wav
+from audio_rft.data.schema import Sample, SampleError
+from audio_rft.fileio import atomic_dir
+
+DATA_FILE, MANIFEST_FILE, REJECTED_FILE, AUDIO_DIR = "data.jsonl", "manifest.json", "rejected.jsonl", "audio"
+
+
+def _reason_kind(reason: str) -> str:
+    """Group reasons for the summary: the text before the first ':' or '('."""
+    return re.split(r"[:(]", reason, maxsplit=1)[0].strip()
+
+
+def audio_filename(sample_id: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", sample_id).strip("._")[:80] or "item"
+    if safe != sample_id:  # keep distinct ids distinct after sanitising
+        safe += "-" + hashlib.sha1(sample_id.encode()).hexdigest()[:8]
+    return safe + ".wav"
+
+
+class DatasetWriter:
+    """Collect accepted samples (with their 16 kHz audio) and rejects; publish atomically on exit."""
+
+    def __init__(self, out: str | Path, builder: str, params: dict[str, Any]):
+        self.out, self.builder, self.params = Path(out), builder, params
+        self.samples: list[Sample] = []
+        self.rejected: list[dict[str, Any]] = []
+        self.seconds: dict[str, float] = {}
+        self.cut: list[dict[str, Any]] = []
+        self._ids: set[str] = set()
+
+    def __enter__(self) -> "DatasetWriter":
+        self._ctx = atomic_dir(self.out)
+        self.tmp = self._ctx.__enter__()
+        (self.tmp / AUDIO_DIR).mkdir()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self._finish()
+        return bool(self._ctx.__exit__(exc_type, exc, tb))
+
+    def has_id(self, sample_id: str) -> bool:
+        return sample_id in self._ids
+
+    def add(self, sample: Sample, waveform: np.ndarray, info: AudioInfo | None = None) -> Sample:
+        """Write the clip as audio/<id>.wav and keep the sample (its `audio` rewritten to that path)."""
+        sample.validate()
+        if sample.id in self._ids:
+            raise SampleError(f"duplicate id {sample.id!r} (first one kept)")
+        rel = f"{AUDIO_DIR}/{audio_filename(sample.id)}"
+        write_wav(self.tmp / rel, waveform)
+        sample.audio = rel
+        self._ids.add(sample.id)
+        self.samples.append(sample)
+        self.seconds[sample.id] = len(waveform) / SAMPLE_RATE
+        if info is not None and info.cut:
+            self.cut.append({"id": sample.id, "original_seconds": round(info.original_seconds, 3)})
+        return sample
+
+    def reject(self, where: str | int, reason: str, sample_id: Any = None, **extra: Any) -> None:
+        """Record an input item that could not be used: `where` is its line number or index."""
+        record = {"where": where, "id": sample_id if isinstance(sample_id, (str, int)) else None, "reason": reason}
+        record.update(extra)
+        self.rejected.append(record)
+
+    def summary(self) -> dict[str, Any]:
+        per_task: dict[str, dict[str, float]] = defaultdict(lambda: {"count": 0, "seconds": 0.0})
+        for s in self.samples:
+            per_task[s.task]["count"] += 1
+            per_task[s.task]["seconds"] = round(per_task[s.task]["seconds"] + self.seconds[s.id], 3)
+        total = sum(self.seconds.values())
+        return {
+            "accepted": len(self.samples),
+            "rejected": len(self.rejected),
+            "rejected_by_reason": dict(sorted(Counter(_reason_kind(r["reason"]) for r in self.rejected).items())),
+            "per_task": dict(sorted(per_task.items())),
+            "unanswered": sum(s.answer is None for s in self.samples),
+            "audio_seconds": round(total, 3),
+            "audio_hours": round(total / 3600, 4),
+        }
+
+    def _finish(self) -> None:
+        data_lines = "".join(json.dumps(s.to_json(), ensure_ascii=False) + "\n" for s in self.samples)
+        (self.tmp / DATA_FILE).write_text(data_lines, encoding="utf-8")
+        (self.tmp / REJECTED_FILE).write_text(
+            "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in self.rejected), encoding="utf-8")
+        content = hashlib.sha256(data_lines.encode())
+        for s in self.samples:
+            content.update((self.tmp / s.audio).read_bytes())
+        seconds = list(self.seconds.values())
+        manifest = {
+            "format": "audio-rft dataset v1",
+            "builder": self.builder,
+            "params": self.params,
+            **self.summary(),
+            "durations": {
+                "min": round(min(seconds), 3) if seconds else 0.0,
+                "mean": round(float(np.mean(seconds)), 3) if seconds else 0.0,
+                "max": round(max(seconds), 3) if seconds else 0.0,
+            },
+            "cut_to_30s": self.cut,
+            "content_sha256": content.hexdigest(),
+        }
+        (self.tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def resolve_audio(folder: str | Path, sample: Sample) -> Path:
+    """The sample's audio path; relative paths must stay inside the dataset folder."""
+    folder = Path(folder).resolve()
+    path = Path(sample.audio)
+    if path.is_absolute():
+        return path
+    full = (folder / path).resolve()
+    if not full.is_relative_to(folder):
+        raise UserError(f"{folder / DATA_FILE}: sample {sample.id!r} field 'audio': path escapes the dataset folder")
+    return full
+
+
+def load_dataset(folder: str | Path, limit: int | None = None) -> list[Sample]:
+    """Read a prepared dataset's samples; any bad line is a UserError naming file, line and field."""
+    path = Path(folder) / DATA_FILE
+    if not path.is_file():
+        raise UserError(f"{folder}: not a prepared dataset (no {DATA_FILE}); run `audio-rft prepare` first")
+    samples = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                sample = Sample.from_json(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{number}: malformed JSON ({e.msg})") from None
+            except (SampleError, TypeError) as e:
+                raise UserError(f"{path}:{number}: {e}") from None
+            samples.append(sample)
+            if limit is not None and len(samples) >= limit:
+                break
+    if not samples:
+        raise UserError(f"{path}: no samples")
+    return samples
