@@ -1,0 +1,76 @@
+"""Reading an answer out of a completion, and deciding whether it is right.
+
+Shared by the rewards (training) and the scorer (eval), so both judge a completion the same way.
+"""
+
+from __future__ import annotations
+
+import re
+
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
+_WORD = re.compile(r"\b\w+\b")
+
+
+def extract_answer(completion: str) -> str:
+    """The content of the last `<answer>…</answer>`; without one, the completion minus any think block.
+
+    Nested or repeated tags resolve to the innermost text of the last closed answer; an unclosed
+    `<answer>` takes what follows it.
+    """
+    matches = _ANSWER.findall(completion)
+    if matches:
+        return matches[-1].rsplit("<answer>", 1)[-1].strip()
+    if "<answer>" in completion:
+        return completion.rsplit("<answer>", 1)[-1].strip()
+    return _THINK.sub("", completion).replace("<think>", "").strip()
+
+
+def exact_match(prediction: str, answer: str) -> bool:
+    """R1-AQA's rule: equal after strip and case-fold."""
+    return prediction.strip().casefold() == answer.strip().casefold()
+
+
+def _tokens(text: str) -> set[str]:
+    return set(_WORD.findall(text.lower()))
+
+
+def mmau_match(prediction: str, answer: str, choices: list[str]) -> bool:
+    """The MMAU benchmark's rule, decision for decision (shared/data/README.md).
+
+    Correct when the prediction has a word token, holds every token of the answer, and holds no token
+    of a wrong choice (a wrong choice's tokens minus the answer's; a choice with the answer's token set
+    is not wrong).
+    """
+    prediction_tokens = _tokens(prediction)
+    if not prediction_tokens:
+        return False
+    answer_tokens = _tokens(answer)
+    wrong_tokens: set[str] = set()
+    for choice in choices:
+        choice_tokens = _tokens(choice)
+        if choice_tokens != answer_tokens:
+            wrong_tokens |= choice_tokens - answer_tokens
+    return answer_tokens <= prediction_tokens and prediction_tokens.isdisjoint(wrong_tokens)
+
+
+def is_correct(prediction: str, answer: str, choices: list[str], rule: str = "exact") -> bool:
+    if rule == "exact":
+        return exact_match(prediction, answer)
+    if rule == "mmau":
+        return mmau_match(prediction, answer, choices)
+    raise ValueError(f"unknown answer rule {rule!r} (exact or mmau)")
+
+
+def follows_format(completion: str, mode: str) -> bool:
+    """Mode `answer`: exactly `<answer>…</answer>`; mode `think`: `<think>…</think>` then `<answer>…</answer>`."""
+    text = completion.strip()
+    if mode == "answer":
+        return re.fullmatch(r"<answer>(?:(?!</?answer>).)*</answer>", text, re.DOTALL) is not None
+    if mode == "think":
+        return re.fullmatch(
+            r"<think>(?:(?!</?think>).)*</think>\s*<answer>(?:(?!</?answer>|</?think>).)*</answer>", text, re.DOTALL
+        ) is not None
+    if mode == "direct":
+        return "<answer>" not in text and "<think>" not in text and bool(text)
+    raise ValueError(f"unknown prompt mode {mode!r}")

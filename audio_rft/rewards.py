@@ -1,0 +1,56 @@
+"""Rewards are plain functions with one signature, kept in one registry (as open-r1 does):
+
+    reward(completions: list[str], samples: list[Sample], **options) -> list[float]
+
+A user's own reward is named `pkg.module:function` in the config and imported only then.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import Callable
+
+from audio_rft.answers import extract_answer, follows_format, is_correct
+from audio_rft.data.schema import Sample
+
+RewardFn = Callable[..., list[float]]
+
+
+def accuracy(completions: list[str], samples: list[Sample], rule: str = "exact", **_: object) -> list[float]:
+    """1.0 when the extracted answer is the right choice (rule `exact`, as R1-AQA, or `mmau`)."""
+    return [
+        float(s.answer is not None and is_correct(extract_answer(c), s.answer, s.choices, rule))
+        for c, s in zip(completions, samples)
+    ]
+
+
+def format(completions: list[str], samples: list[Sample], mode: str = "answer", **_: object) -> list[float]:  # noqa: A001
+    """1.0 when the completion is exactly the prompt mode's tag layout."""
+    return [float(follows_format(c, mode)) for c in completions]
+
+
+REWARDS: dict[str, RewardFn] = {"accuracy": accuracy, "format": format}
+
+
+def get_reward(name: str, **options: object) -> RewardFn:
+    """A registered reward, or `pkg.module:function` imported now; options are bound as keywords."""
+    if name in REWARDS:
+        fn = REWARDS[name]
+    elif ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"reward plugin {name!r} could not be loaded: {e}") from None
+        if not callable(fn):
+            raise ValueError(f"reward plugin {name!r} is not callable")
+    else:
+        raise ValueError(f"unknown reward {name!r}: built in are {', '.join(REWARDS)}, or name pkg.module:function")
+    return functools.partial(fn, **options) if options else fn
+
+
+def weighted_sum(per_reward: dict[str, list[float]], weights: dict[str, float]) -> list[float]:
+    names = list(per_reward)
+    n = len(per_reward[names[0]]) if names else 0
+    return [sum(weights.get(name, 1.0) * per_reward[name][i] for name in names) for i in range(n)]
