@@ -1,0 +1,205 @@
+"""Prompts in, completions and their log-probs out: the part of Qwen2-Audio that training and eval share.
+
+Audio is the expensive, frozen part, and the prompt (up to 750 audio tokens) dwarfs a 10-token answer.
+So each prompt is encoded once: the audio tower and projector run once per clip, the language model
+prefills the prompt once, and its KV cache is repeated for the G completions, both when sampling and
+when computing the log-probs the loss needs. Logits are computed only at completion positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from audio_rft.data.audio import read_wav
+from audio_rft.data.dataset import resolve_audio
+from audio_rft.data.schema import Sample
+from audio_rft.model import NEVER_GENERATE
+from audio_rft.prompts import chat_messages
+
+
+@dataclass
+class PromptBatch:
+    input_ids: torch.Tensor  # (B, P), left-padded
+    attention_mask: torch.Tensor  # (B, P)
+    input_features: torch.Tensor  # (B, mels, frames)
+    feature_attention_mask: torch.Tensor  # (B, frames)
+
+    def to(self, device) -> "PromptBatch":
+        return PromptBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask,
+                                                     self.input_features, self.feature_attention_mask)))
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def load_waveforms(folder: str | Path, samples: list[Sample], ablate_audio: bool = False) -> list[np.ndarray]:
+    """The prepared 16 kHz clips; with `ablate_audio`, silence of the same length (the no-listening control)."""
+    waves = [read_wav(resolve_audio(folder, s)) for s in samples]
+    return [np.zeros_like(w) for w in waves] if ablate_audio else waves
+
+
+def prompt_strings(processor, samples: list[Sample], mode: str) -> list[str]:
+    return [processor.apply_chat_template(chat_messages(s, mode), add_generation_prompt=True, tokenize=False)
+            for s in samples]
+
+
+def encode_prompts(processor, samples: list[Sample], waveforms: list[np.ndarray], mode: str,
+                   max_prompt_tokens: int | None = None) -> PromptBatch:
+    """Chat-format, tokenize (left padding) and featurize a batch of prompts."""
+    texts = prompt_strings(processor, samples, mode)
+    inputs = processor(text=texts, audio=waveforms, return_tensors="pt", padding=True, sampling_rate=16_000)
+    batch = PromptBatch(inputs["input_ids"], inputs["attention_mask"], inputs["input_features"],
+                        inputs["feature_attention_mask"])
+    if max_prompt_tokens and batch.attention_mask.sum(1).max() > max_prompt_tokens:
+        longest = int(batch.attention_mask.sum(1).max())
+        # Cutting a prompt would cut audio tokens and break the audio/token alignment: refuse instead.
+        raise ValueError(f"a prompt has {longest} tokens (audio included), over max_prompt_tokens={max_prompt_tokens}; "
+                         "raise max_prompt_tokens rather than truncating audio tokens")
+    return batch
+
+
+def prompt_embeddings(core, batch: PromptBatch) -> torch.Tensor:
+    """Token embeddings with each clip's audio features written over its <|AUDIO|> placeholders.
+
+    The same merge Qwen2AudioModel.forward does, kept here so the language model can be called on
+    embeddings directly (once per prompt) and the frozen audio tower never builds a graph.
+    """
+    from transformers.masking_utils import create_bidirectional_mask
+
+    qwen = core.model
+    embeds = qwen.get_input_embeddings()(batch.input_ids)
+    tower = qwen.audio_tower
+    feature_lengths, audio_lengths = tower._get_feat_extract_output_lengths(batch.feature_attention_mask.sum(-1))
+    frames = (batch.input_features.shape[-1] - 2) // 2 + 1
+    valid = (torch.arange(frames, device=embeds.device)[None, :] < feature_lengths[:, None]).long()
+    mask = create_bidirectional_mask(config=tower.config, inputs_embeds=torch.zeros(len(batch), frames, 1, dtype=embeds.dtype,
+                                     device=embeds.device), attention_mask=valid)
+    trainable_tower = any(p.requires_grad for p in tower.parameters())
+    with torch.set_grad_enabled(torch.is_grad_enabled() and trainable_tower):
+        hidden = tower(batch.input_features.to(embeds.dtype), attention_mask=mask).last_hidden_state
+    features = qwen.multi_modal_projector(hidden)
+    keep = torch.arange(features.shape[1], device=embeds.device)[None, :] < audio_lengths[:, None]
+    features = features[keep]
+    placeholders = batch.input_ids == core.config.audio_token_id
+    if int(placeholders.sum()) != features.shape[0]:
+        raise ValueError(f"audio tokens ({int(placeholders.sum())}) and audio features ({features.shape[0]}) do not match")
+    return embeds.masked_scatter(placeholders[..., None], features.to(embeds.dtype))
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    # Left padding: real tokens count from 0, as generate() does.
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def prefill(core, embeds: torch.Tensor, mask: torch.Tensor, repeats: int):
+    """Run the prompt once; return the last hidden state and the KV cache, each repeated per completion."""
+    out = core.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=_positions(mask),
+                                    use_cache=True)
+    cache = out.past_key_values
+    if repeats > 1:
+        cache.batch_repeat_interleave(repeats)
+    return out.last_hidden_state[:, -1].repeat_interleave(repeats, 0), cache
+
+
+def suppressed_ids(processor) -> list[int]:
+    return processor.tokenizer.convert_tokens_to_ids(NEVER_GENERATE)
+
+
+def stop_ids(core, processor) -> list[int]:
+    eos = core.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    ids.add(processor.tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def sample(core, processor, batch: PromptBatch, num_generations: int = 1, max_new_tokens: int = 32,
+           temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample `num_generations` completions per prompt (greedy at temperature 0) from one prefill.
+
+    Returns completion ids (B*G, L) grouped by prompt, and a mask that is 1 up to and including the
+    first stop token (padding after it is 0).
+    """
+    eos = torch.tensor(stop_ids(core, processor), device=batch.input_ids.device)
+    pad_id = processor.tokenizer.pad_token_id
+    banned = suppressed_ids(processor)
+    mask = batch.attention_mask.repeat_interleave(num_generations, 0)
+    hidden, cache = prefill(core, prompt_embeddings(core, batch), batch.attention_mask, num_generations)
+    position = mask.sum(-1)
+    embed, head = core.get_input_embeddings(), core.lm_head
+    finished = torch.zeros(len(mask), dtype=torch.bool, device=mask.device)
+    tokens, alive = [], []
+    for _ in range(max_new_tokens):
+        logits = head(hidden).float()
+        logits[:, banned] = float("-inf")
+        if temperature <= 0:
+            token = logits.argmax(-1)
+        else:
+            probs = F.softmax(logits / temperature, dim=-1)
+            if top_p < 1.0:
+                sorted_probs, order = probs.sort(-1, descending=True)
+                drop = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
+                probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        token = token.masked_fill(finished, pad_id)
+        tokens.append(token)
+        alive.append(~finished)
+        finished = finished | torch.isin(token, eos)
+        if bool(finished.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = core.model.language_model(inputs_embeds=embed(token[:, None]), attention_mask=mask,
+                                        position_ids=position[:, None], past_key_values=cache, use_cache=True)
+        cache, hidden, position = out.past_key_values, out.last_hidden_state[:, -1], position + 1
+    return torch.stack(tokens, 1), torch.stack(alive, 1).long()
+
+
+def completion_logprobs(core, batch: PromptBatch, completion_ids: torch.Tensor, num_generations: int,
+                        shared_prefix: bool = True, chunk: int = 4096) -> torch.Tensor:
+    """log π(o_t | q, o_<t) for every completion token: (B*G, L).
+
+    With `shared_prefix` the prompt is prefilled once and its cache repeated G times (gradients flow
+    through it); without (needed under gradient checkpointing, which drops caches) the prompt
+    embeddings are repeated and the whole sequence runs at once. Both give the same numbers.
+    """
+    embeds = prompt_embeddings(core, batch)
+    prompt_mask = batch.attention_mask.repeat_interleave(num_generations, 0)
+    completion_embeds = core.get_input_embeddings()(completion_ids)
+    full_mask = torch.cat([prompt_mask, torch.ones_like(completion_ids)], dim=1)
+    positions = _positions(full_mask)
+    lm = core.model.language_model
+    if shared_prefix:
+        last, cache = prefill(core, embeds, batch.attention_mask, num_generations)
+        out = lm(inputs_embeds=completion_embeds, attention_mask=full_mask,
+                 position_ids=positions[:, prompt_mask.shape[1]:], past_key_values=cache, use_cache=True)
+        hidden = torch.cat([last[:, None], out.last_hidden_state[:, :-1]], dim=1)
+    else:
+        sequence = torch.cat([embeds.repeat_interleave(num_generations, 0), completion_embeds], dim=1)
+        out = lm(inputs_embeds=sequence, attention_mask=full_mask, position_ids=positions, use_cache=False)
+        hidden = out.last_hidden_state[:, prompt_mask.shape[1] - 1: -1]
+    return token_logprobs(core.lm_head, hidden, completion_ids, chunk)
+
+
+def token_logprobs(head, hidden: torch.Tensor, ids: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Gather log-softmax at `ids` without holding a float32 copy of the full (N, L, V) logits at once."""
+    flat_hidden, flat_ids = hidden.reshape(-1, hidden.shape[-1]), ids.reshape(-1)
+    parts = []
+    for start in range(0, flat_ids.numel(), chunk):
+        logits = head(flat_hidden[start:start + chunk]).float()
+        parts.append(logits.gather(-1, flat_ids[start:start + chunk, None]).squeeze(-1) - logits.logsumexp(-1))
+    return torch.cat(parts).view_as(ids)
+
+
+def decode(processor, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:
+    """Completion text without the stop token and padding."""
+    special = set(processor.tokenizer.all_special_ids)
+    texts = []
+    for ids, keep in zip(completion_ids.tolist(), completion_mask.tolist()):
+        texts.append(processor.tokenizer.decode([t for t, k in zip(ids, keep) if k and t not in special]))
+    return texts
