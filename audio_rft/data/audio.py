@@ -34,6 +34,8 @@ def _decode(source: str | Path | bytes) -> tuple[np.ndarray, int]:
     except Exception as sf_error:  # noqa: BLE001 - fall back to librosa for what libsndfile can't read
         if isinstance(source, bytes):
             raise AudioError(f"unreadable audio ({str(sf_error).splitlines()[0][:120]})") from None
+        if not Path(source).exists():  # it vanished between listing and reading
+            raise AudioError(f"audio file vanished while reading: {source}") from None
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

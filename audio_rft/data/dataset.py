@@ -45,6 +45,7 @@ class DatasetWriter:
         self.rejected: list[dict[str, Any]] = []
         self.seconds: dict[str, float] = {}
         self.cut: list[dict[str, Any]] = []
+        self.notes: dict[str, list[str]] = {}  # what a builder repaired in accepted items: kind -> ids
         self._ids: set[str] = set()
 
     def __enter__(self) -> "DatasetWriter":
@@ -65,7 +66,7 @@ class DatasetWriter:
         """Write the clip as audio/<id>.wav and keep the sample (its `audio` rewritten to that path)."""
         sample.validate()
         if sample.id in self._ids:
-            raise SampleError(f"duplicate id {sample.id!r} (first one kept)")
+            raise SampleError(f"duplicate id (first one kept): {sample.id!r}")
         rel = f"{AUDIO_DIR}/{audio_filename(sample.id)}"
         write_wav(self.tmp / rel, waveform)
         sample.audio = rel
@@ -75,6 +76,10 @@ class DatasetWriter:
         if info is not None and info.cut:
             self.cut.append({"id": sample.id, "original_seconds": round(info.original_seconds, 3)})
         return sample
+
+    def note(self, kind: str, sample_id: str) -> None:
+        """Record a repair made to an accepted item (listed in the manifest under `notes`)."""
+        self.notes.setdefault(kind, []).append(sample_id)
 
     def reject(self, where: str | int, reason: str, sample_id: Any = None, **extra: Any) -> None:
         """Record an input item that could not be used: `where` is its line number or index."""
@@ -103,9 +108,6 @@ class DatasetWriter:
         (self.tmp / DATA_FILE).write_text(data_lines, encoding="utf-8")
         (self.tmp / REJECTED_FILE).write_text(
             "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in self.rejected), encoding="utf-8")
-        content = hashlib.sha256(data_lines.encode())
-        for s in self.samples:
-            content.update((self.tmp / s.audio).read_bytes())
         seconds = list(self.seconds.values())
         manifest = {
             "format": "audio-rft dataset v1",
@@ -118,9 +120,18 @@ class DatasetWriter:
                 "max": round(max(seconds), 3) if seconds else 0.0,
             },
             "cut_to_30s": self.cut,
-            "content_sha256": content.hexdigest(),
+            "notes": dict(sorted(self.notes.items())),
+            "content_sha256": content_hash(self.tmp, self.samples),
         }
         (self.tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def content_hash(folder: str | Path, samples: list[Sample]) -> str:
+    """sha256 over data.jsonl's bytes then every sample's audio bytes, in order (manifest `content_sha256`)."""
+    content = hashlib.sha256((Path(folder) / DATA_FILE).read_bytes())
+    for s in samples:
+        content.update((Path(folder) / s.audio).read_bytes())
+    return content.hexdigest()
 
 
 def resolve_audio(folder: str | Path, sample: Sample) -> Path:
