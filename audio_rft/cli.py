@@ -50,12 +50,15 @@ def main(argv: list[str] | None = None) -> None:
         top.print_help()
         sys.exit(2)
     command = argv[0]
-    parser = argparse.ArgumentParser(prog="audio-rft", add_help=False)
-    subparsers = parser.add_subparsers(dest="command")
-    importlib.import_module(COMMANDS[command][0]).add_parser(subparsers, command)
-    args = parser.parse_args(argv)
+    module = importlib.import_module(COMMANDS[command][0])
     try:
-        code = args.func(args)
+        if hasattr(module, "run_argv"):  # training commands parse `--config FILE key=value ...` themselves
+            code = module.run_argv(argv[1:])
+        else:
+            parser = argparse.ArgumentParser(prog="audio-rft", add_help=False)
+            module.add_parser(parser.add_subparsers(dest="command"), command)
+            args = parser.parse_args(argv)
+            code = args.func(args)
     except UserError as e:
         if debug:
             raise

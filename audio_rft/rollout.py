@@ -119,10 +119,12 @@ def stop_ids(core, processor) -> list[int]:
 
 @torch.no_grad()
 def sample(core, processor, batch: PromptBatch, num_generations: int = 1, max_new_tokens: int = 32,
-           temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None
+           temperature: float = 0.0, top_p: float = 1.0, generators: list[torch.Generator] | None = None
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample `num_generations` completions per prompt (greedy at temperature 0) from one prefill.
 
+    Sampling is Gumbel-max with noise drawn from one generator per prompt, so a prompt's completions
+    depend only on its own seed and logits: not on which other prompts share its batch or process.
     Returns completion ids (B*G, L) grouped by prompt, and a mask that is 1 up to and including the
     first stop token (padding after it is 0).
     """
@@ -141,12 +143,12 @@ def sample(core, processor, batch: PromptBatch, num_generations: int = 1, max_ne
         if temperature <= 0:
             token = logits.argmax(-1)
         else:
-            probs = F.softmax(logits / temperature, dim=-1)
+            logits = logits / temperature
             if top_p < 1.0:
-                sorted_probs, order = probs.sort(-1, descending=True)
-                drop = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
-                probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+                probs, order = F.softmax(logits, dim=-1).sort(-1, descending=True)
+                drop = probs.cumsum(-1) - probs > top_p  # keep the smallest set reaching top_p
+                logits = logits.scatter(-1, order, logits.gather(-1, order).masked_fill(drop, float("-inf")))
+            token = (logits + _gumbel(logits.shape, num_generations, generators, logits.device)).argmax(-1)
         token = token.masked_fill(finished, pad_id)
         tokens.append(token)
         alive.append(~finished)
@@ -158,6 +160,14 @@ def sample(core, processor, batch: PromptBatch, num_generations: int = 1, max_ne
                                         position_ids=position[:, None], past_key_values=cache, use_cache=True)
         cache, hidden, position = out.past_key_values, out.last_hidden_state[:, -1], position + 1
     return torch.stack(tokens, 1), torch.stack(alive, 1).long()
+
+
+def _gumbel(shape, group: int, generators: list[torch.Generator] | None, device) -> torch.Tensor:
+    if generators is None:
+        uniform = torch.rand(shape, device=device)
+    else:
+        uniform = torch.cat([torch.rand((group, shape[-1]), generator=g) for g in generators]).to(device)
+    return -torch.log(-torch.log(uniform.clamp_(1e-20, 1.0 - 1e-7)))
 
 
 def completion_logprobs(core, batch: PromptBatch, completion_ids: torch.Tensor, num_generations: int,

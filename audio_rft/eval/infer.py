@@ -1,0 +1,171 @@
+"""Batched greedy inference over a prepared dataset, written in MMAU's prediction format.
+
+Items are sorted by prompt length so batches carry little padding; each finished batch is appended to
+`PRED.json.partial.jsonl`, so a rerun after a crash continues where it stopped. Batches are fixed by
+the sorted order, so a resumed run computes exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from audio_rft import UserError
+from audio_rft.answers import extract_answer
+from audio_rft.config import config_to_dict, option
+from audio_rft.data.dataset import load_dataset
+from audio_rft.data.schema import Sample
+from audio_rft.fileio import atomic_write_json
+from audio_rft.prompts import PROMPT_MODES, check_mode
+
+
+@dataclass
+class InferConfig:
+    model: str = option("", "model: hub id or local folder (a tiny preset, a full checkpoint)")
+    data: str = option("", "prepared dataset folder")
+    out: str = option("", "predictions file (JSON list, MMAU format)")
+    adapter: str | None = option(None, "PEFT adapter folder to put on the model")
+    prompt: str = option("answer", "prompt mode: direct, answer or think")
+    batch_size: int = option(16, "prompts per batch")
+    max_new_tokens: int = option(32, "completion length limit (raise it for think)")
+    ablate_audio: bool = option(False, "replace every clip with silence of the same length (the no-listening control)")
+    limit: int | None = option(None, "only the first N items")
+    device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
+    dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
+
+
+def _length_key(folder: Path, sample: Sample) -> tuple:
+    from audio_rft.data.dataset import resolve_audio
+
+    try:
+        size = resolve_audio(folder, sample).stat().st_size
+    except OSError:
+        size = 0
+    return (size, len(sample.question) + sum(map(len, sample.choices)))
+
+
+def batch_order(folder: Path, samples: list[Sample], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar prompt length (audio size, then text length)."""
+    order = sorted(range(len(samples)), key=lambda i: (_length_key(folder, samples[i]), i))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.no_grad()
+def generate_answers(core, processor, folder: Path, samples: list[Sample], mode: str, max_new_tokens: int,
+                     ablate_audio: bool = False) -> list[tuple[str, int]]:
+    """Greedy completions for one batch: (text, completion token count) per sample."""
+    from audio_rft.rollout import decode, encode_prompts, load_waveforms, sample
+
+    batch = encode_prompts(processor, samples, load_waveforms(folder, samples, ablate_audio), mode)
+    ids, mask = sample(core, processor, batch.to(core.device), 1, max_new_tokens, temperature=0.0)
+    return list(zip(decode(processor, ids, mask), mask.sum(1).tolist()))
+
+
+def predict(core, processor, folder: str | Path, samples: list[Sample], mode: str, batch_size: int = 16,
+            max_new_tokens: int = 32, ablate_audio: bool = False, progress: bool = False) -> list[tuple[str, int]]:
+    """Greedy completions for all samples, in input order (used by training's held-out evaluation)."""
+    was_training = core.training
+    core.eval()
+    results: list[tuple[str, int] | None] = [None] * len(samples)
+    for group in tqdm(batch_order(Path(folder), samples, batch_size), disable=not progress, unit="batch"):
+        for i, result in zip(group, generate_answers(core, processor, Path(folder), [samples[i] for i in group],
+                                                     mode, max_new_tokens, ablate_audio)):
+            results[i] = result
+    core.train(was_training)
+    return results  # type: ignore[return-value]
+
+
+def prediction_record(sample: Sample, text: str, tokens: int, mode: str) -> dict:
+    record = sample.to_json()
+    record["sub-category"] = record.get("sub_category")  # MMAU's own key, so its script reads the file unchanged
+    record.update(model_output=text, model_prediction=extract_answer(text), prompt_mode=mode, completion_tokens=tokens)
+    return record
+
+
+def run_inference(config: InferConfig) -> Path:
+    """Predict every item of `config.data`; resumable; returns the predictions file."""
+    from audio_rft.model import core_model, load_model
+
+    check_mode(config.prompt)
+    if not config.model or not config.data or not config.out:
+        raise UserError("infer needs model, data and out")
+    folder, out = Path(config.data), Path(config.out)
+    samples = load_dataset(folder, limit=config.limit)
+    partial = out.with_name(out.name + ".partial.jsonl")
+    meta = {"model": config.model, "adapter": config.adapter, "prompt": config.prompt,
+            "ablate_audio": config.ablate_audio, "data": str(folder), "n": len(samples),
+            "config": config_to_dict(config)}
+    done: dict[int, tuple[str, int]] = {}
+    if partial.exists():
+        for line in partial.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a line cut by the crash: redo from there
+            if entry.get("meta") is not None:
+                if entry["meta"] != meta:
+                    partial.unlink()  # predictions from another config: start over
+                    done = {}
+                    break
+                continue
+            done[entry["index"]] = (entry["output"], entry["tokens"])
+    if not partial.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({"meta": meta}) + "\n", encoding="utf-8")
+    loaded = load_model(config.model, config.adapter, config.dtype, config.device)
+    core = core_model(loaded.model).eval()
+    batches = batch_order(folder, samples, config.batch_size)
+    started, new_items = time.perf_counter(), 0
+    bar = tqdm(total=len(samples), initial=len(done), unit="item", desc=f"infer {config.prompt}")
+    with open(partial, "a", encoding="utf-8") as log:
+        for group in batches:
+            if all(i in done for i in group):
+                continue
+            answers = generate_answers(core, loaded.processor, folder, [samples[i] for i in group], config.prompt,
+                                       config.max_new_tokens, config.ablate_audio)
+            lines = []
+            for i, (text, tokens) in zip(group, answers):
+                done[i] = (text, tokens)
+                lines.append(json.dumps({"index": i, "output": text, "tokens": tokens}, ensure_ascii=False) + "\n")
+            log.write("".join(lines))  # one write per batch: a crash loses at most the batch in flight
+            log.flush()
+            new_items += len(group)
+            bar.update(len(group))
+            bar.set_postfix(items_per_s=f"{new_items / (time.perf_counter() - started):.2f}")
+    bar.close()
+    records = [prediction_record(s, *done[i], config.prompt) for i, s in enumerate(samples)]
+    atomic_write_json(out.with_name(out.stem + ".meta.json"), meta)
+    atomic_write_json(out, records)
+    partial.unlink(missing_ok=True)
+    return out
+
+
+def add_parser(subparsers, command: str) -> None:
+    parser = subparsers.add_parser(
+        command, help="batched greedy inference", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Greedy answers for every item of a prepared dataset, written as MMAU predictions "
+                    "(model_output, model_prediction). Resumable: rerun the same command after a crash.")
+    parser.add_argument("--model", required=True, help="hub id or local model folder")
+    parser.add_argument("--adapter", help="PEFT adapter folder (a checkpoint of `audio-rft sft/grpo`)")
+    parser.add_argument("--data", required=True, help="prepared dataset folder")
+    parser.add_argument("--prompt", choices=PROMPT_MODES, default="answer", help="prompt mode")
+    parser.add_argument("--out", required=True, help="predictions JSON to write")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--ablate-audio", action="store_true", help="silence in place of every clip (control)")
+    parser.add_argument("--limit", type=int, help="only the first N items")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+
+    def run(args: argparse.Namespace) -> int:
+        config = InferConfig(**{k: v for k, v in vars(args).items() if k in InferConfig.__dataclass_fields__})
+        print(run_inference(config))
+        return 0
+
+    parser.set_defaults(func=run)

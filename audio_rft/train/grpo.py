@@ -1,0 +1,290 @@
+"""GRPO for Qwen2-Audio, readable top to bottom: sample G answers per audio question, reward them,
+normalise rewards within each group, and take a clipped policy-gradient step (DESIGN.md "GRPO").
+
+TRL's GRPOTrainer takes no audio; this loop does, and encodes each clip and prompt once for all G
+completions (audio_rft.rollout). Defaults are R1-AQA's, with a LoRA learning rate.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from audio_rft import UserError
+from audio_rft.config import option
+from audio_rft.train.common import (
+    MetricsLog, NonFiniteGuard, TrainConfig, batch_indices, checkpoint_or_stop, grad_norm_and_clip, held_out_accuracy,
+    load_training_state, make_accelerator, make_optimizer, oom_advice, parse_train_args, prune_checkpoints,
+    restore_weights, resume_point, run_summary, seed_everything, setup_model, sync_gradients,
+)
+
+LOSS_TYPES = ("sequence", "token", "constant")
+
+
+@dataclass
+class GRPOConfig(TrainConfig):
+    batch_size: int = option(1, "prompts per device per micro-batch (R1-AQA: 1)")
+    grad_accum: int = option(2, "micro-batches per optimizer step (R1-AQA: 2)")
+    max_steps: int = option(1000, "rollout steps (R1-AQA: 1,000)")
+    save_every: int = option(100, "checkpoint every N steps (R1-AQA: 100)")
+    lr: float = option(1e-5, "peak learning rate (R1-AQA full fine-tuning: 1e-6; LoRA needs more)")
+    num_generations: int = option(8, "G: completions sampled per prompt")
+    temperature: float = option(1.0, "sampling temperature")
+    top_p: float = option(1.0, "nucleus sampling mass")
+    max_completion_length: int = option(32, "completion length limit in tokens (think needs more)")
+    max_prompt_tokens: int = option(2048, "refuse longer prompts (audio tokens are never cut)")
+    rewards: list[str] = option(["accuracy", "format"], "reward functions: accuracy, format, or pkg.module:function")
+    reward_weights: list[float] = option([], "one weight per reward (default: all 1.0)")
+    accuracy_rule: str = option("exact", "accuracy reward rule: exact (R1-AQA) or mmau (the benchmark's)")
+    scale_rewards: bool = option(True, "divide advantages by the group's reward std (false: Dr. GRPO)")
+    beta: float = option(0.04, "KL coefficient against the reference policy (0 skips the reference pass)")
+    epsilon_low: float = option(0.2, "lower clip range: ratio >= 1 - epsilon_low")
+    epsilon_high: float = option(0.2, "upper clip range: ratio <= 1 + epsilon_high")
+    num_iterations: int = option(1, "mu: optimizer updates per rollout batch")
+    loss_type: str = option("sequence", "loss aggregation: sequence (mean per completion), token (mean over tokens), constant (Dr. GRPO)")
+    skip_equal_groups: bool = option(False, "drop groups whose rewards are all equal (they carry no signal)")
+    log_completions_every: int = option(10, "append sampled completions to completions.jsonl every N steps")
+
+
+def group_advantages(rewards: torch.Tensor, group: int, scale: bool = True) -> torch.Tensor:
+    """A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4); without `scale`, just r_i - mean."""
+    grouped = rewards.view(-1, group)
+    centred = grouped - grouped.mean(1, keepdim=True)
+    if scale:
+        centred = centred / (grouped.std(1, keepdim=True) + 1e-4)
+    return centred.reshape(-1)
+
+
+def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, ref_logprobs: torch.Tensor | None,
+              advantages: torch.Tensor, mask: torch.Tensor, beta: float = 0.04, epsilon_low: float = 0.2,
+              epsilon_high: float = 0.2, loss_type: str = "sequence", max_completion_length: int | None = None
+              ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The GRPO objective, per token t of completion i (mask m excludes everything after the first EOS):
+
+        ρ_it  = exp(log π(o_it) − log π_old(o_it))                  (π_old = π.detach() when μ = 1)
+        ℓ_it  = −min(ρ_it·A_i, clip(ρ_it, 1−ε_low, 1+ε_high)·A_i) + β·KL_it
+        KL_it = exp(ref_it − log π_it) − (ref_it − log π_it) − 1   (k3 estimator; ref = reference policy)
+
+        sequence: L = 1/N Σ_i (Σ_t m_it ℓ_it) / (Σ_t m_it)            (GRPO paper, R1-AQA)
+        token:    L = Σ_it m_it ℓ_it / Σ_it m_it                      (DAPO)
+        constant: L = Σ_it m_it ℓ_it / (N · max_completion_length)    (Dr. GRPO)
+
+    Shapes: logprobs/old/ref/mask (N, T); advantages (N,). Returns the loss and logged statistics.
+    """
+    mask = mask.to(logprobs.dtype)
+    old = logprobs.detach() if old_logprobs is None else old_logprobs
+    ratio = torch.exp(logprobs - old)
+    adv = advantages[:, None]
+    per_token = -torch.min(ratio * adv, ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * adv)
+    kl = torch.zeros_like(logprobs)
+    if beta and ref_logprobs is not None:
+        delta = ref_logprobs - logprobs
+        kl = torch.exp(delta) - delta - 1
+        per_token = per_token + beta * kl
+    lengths = mask.sum(1).clamp(min=1)
+    if loss_type == "sequence":
+        loss = ((per_token * mask).sum(1) / lengths).mean()
+    elif loss_type == "token":
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+    elif loss_type == "constant":
+        loss = (per_token * mask).sum() / (mask.shape[0] * (max_completion_length or mask.shape[1]))
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}; choose {', '.join(LOSS_TYPES)}")
+    with torch.no_grad():
+        clipped = ((ratio < 1 - epsilon_low) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
+        tokens = mask.sum().clamp(min=1)
+        stats = {"kl": float((kl * mask).sum() / tokens), "clip_ratio": float((clipped * mask).sum() / tokens)}
+    return loss, stats
+
+
+def prompt_generators(seed: int, step: int, indices: list[int]) -> list[torch.Generator]:
+    """One sampling generator per prompt, a pure function of (seed, step, sample index): resumable and
+    independent of how prompts are spread over batches and processes."""
+    return [torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_000_003 + i) for i in indices]
+
+
+def score_completions(texts: list[str], samples: list, reward_fns: dict) -> dict[str, torch.Tensor]:
+    return {name: torch.tensor(fn(texts, samples), dtype=torch.float32) for name, fn in reward_fns.items()}
+
+
+def build_reward_fns(config: GRPOConfig) -> tuple[dict, dict[str, float]]:
+    from audio_rft.rewards import get_reward
+
+    if config.reward_weights and len(config.reward_weights) != len(config.rewards):
+        raise UserError(f"reward_weights has {len(config.reward_weights)} values for {len(config.rewards)} rewards")
+    options = {"accuracy": {"rule": config.accuracy_rule}, "format": {"mode": config.prompt_mode}}
+    try:
+        fns = {name: get_reward(name, **options.get(name, {})) for name in config.rewards}
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    weights = dict(zip(config.rewards, config.reward_weights or [1.0] * len(config.rewards)))
+    return fns, weights
+
+
+def train_grpo(config: GRPOConfig, fresh: bool = False) -> Path:
+    """Run GRPO on `config.data`; resumes from the latest complete checkpoint in `config.out`."""
+    from audio_rft.data.dataset import load_dataset
+    from audio_rft.model import core_model
+    from audio_rft.prompts import check_mode
+    from audio_rft.rollout import completion_logprobs, decode, encode_prompts, load_waveforms, sample
+
+    check_mode(config.prompt_mode)
+    if not (config.model and config.data and config.out):
+        raise UserError("grpo needs model, data and out (e.g. `audio-rft grpo model=M data=D out=O`)")
+    if config.loss_type not in LOSS_TYPES:
+        raise UserError(f"loss_type {config.loss_type!r}: choose {', '.join(LOSS_TYPES)}")
+    if config.num_generations < 2:
+        raise UserError("num_generations must be at least 2 (advantages compare answers within a group)")
+    reward_fns, weights = build_reward_fns(config)
+    out = Path(config.out)
+    accelerator = make_accelerator(config)
+    main = accelerator.is_main_process
+    samples = [s for s in load_dataset(config.data) if s.answer is not None]
+    seed_everything(config.seed)
+    processor, model = setup_model(config, device=str(accelerator.device))
+    core = core_model(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    # Reference policy: LoRA needs no second model (disable the adapter); full fine-tuning keeps a frozen copy.
+    frozen_reference = None
+    if config.beta and not config.lora:
+        frozen_reference = copy.deepcopy(core).eval().requires_grad_(False)
+    optimizer, scheduler = make_optimizer(model, config, config.max_steps * config.num_iterations)
+    checkpoint = resume_point(out, fresh and main)
+    accelerator.wait_for_everyone()
+    start = 0
+    if checkpoint is not None:
+        restore_weights(model, checkpoint, config.lora)
+        start = load_training_state(checkpoint, optimizer, scheduler, None)
+        print(f"resuming from {checkpoint} (step {start})", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(out, start, config) if main else None
+    guard, metrics, began = NonFiniteGuard(config.max_bad_steps), {}, time.perf_counter()
+    G, shared_prefix = config.num_generations, not config.gradient_checkpointing
+    bar = tqdm(total=config.max_steps, initial=start, desc=f"grpo {config.prompt_mode}", unit="step", disable=not main)
+
+    for step in range(start, config.max_steps):
+        step_began = time.perf_counter()
+        timing = {"rollout": 0.0, "reference": 0.0, "policy": 0.0, "optimizer": 0.0}
+        rollouts, reward_parts, totals, lengths, logged = [], [], [], [], []
+        try:
+            # 1. Rollout: G completions per prompt, rewards, group-normalised advantages.
+            for micro in range(config.grad_accum):
+                idx = batch_indices(len(samples), config.seed, step, micro, config.batch_size, config.grad_accum,
+                                    accelerator.process_index, accelerator.num_processes)
+                batch_samples = [samples[i] for i in idx]
+                clock = time.perf_counter()
+                batch = encode_prompts(processor, batch_samples, load_waveforms(config.data, batch_samples),
+                                       config.prompt_mode, config.max_prompt_tokens).to(core.device)
+                core.eval()  # no dropout while sampling
+                ids, mask = sample(core, processor, batch, G, config.max_completion_length, config.temperature,
+                                   config.top_p, prompt_generators(config.seed, step, idx))
+                texts = decode(processor, ids, mask)
+                group_samples = [s for s in batch_samples for _ in range(G)]
+                parts = score_completions(texts, group_samples, reward_fns)
+                reward = sum(weights[name] * value for name, value in parts.items())
+                advantages = group_advantages(reward, G, config.scale_rewards).to(core.device)
+                timing["rollout"] += time.perf_counter() - clock
+                reward_parts.append(parts)
+                totals.append(reward)
+                lengths.append(mask.sum(1).float())
+                keep = torch.arange(len(idx))
+                if config.skip_equal_groups:  # a group of equal rewards has zero advantage: skip its passes
+                    keep = torch.nonzero(reward.view(-1, G).std(1) > 0).flatten()
+                if len(keep) == 0:
+                    continue
+                rows = (keep[:, None] * G + torch.arange(G)).flatten().to(core.device)
+                batch = type(batch)(*(t[keep.to(t.device)] for t in (batch.input_ids, batch.attention_mask,
+                                                                   batch.input_features, batch.feature_attention_mask)))
+                ids, mask, advantages = ids[rows], mask[rows], advantages[rows]
+                clock = time.perf_counter()
+                ref_logprobs = old_logprobs = None
+                with torch.no_grad():
+                    if config.beta:
+                        if frozen_reference is not None:
+                            ref_logprobs = completion_logprobs(frozen_reference, batch, ids, G, shared_prefix)
+                        else:
+                            with model.disable_adapter():
+                                ref_logprobs = completion_logprobs(core, batch, ids, G, shared_prefix)
+                    if config.num_iterations > 1:  # π_old is needed only when the policy moves between updates
+                        old_logprobs = completion_logprobs(core, batch, ids, G, shared_prefix)
+                timing["reference"] += time.perf_counter() - clock
+                rollouts.append((batch, ids, mask, advantages, ref_logprobs, old_logprobs))
+                if main and config.log_completions_every and step % config.log_completions_every == 0:
+                    logged += [{"step": step + 1, "id": s.id, "answer": s.answer, "completion": t, "reward": float(r)}
+                               for s, t, r in zip(group_samples, texts, reward)]
+
+            # 2. μ policy updates on this rollout batch.
+            core.train()
+            for _ in range(config.num_iterations):
+                clock = time.perf_counter()
+                loss_total, stats_total = torch.zeros(()), {"kl": 0.0, "clip_ratio": 0.0}
+                for batch, ids, mask, advantages, ref_logprobs, old_logprobs in rollouts:
+                    logprobs = completion_logprobs(core, batch, ids, G, shared_prefix)
+                    loss, stats = grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, config.beta,
+                                            config.epsilon_low, config.epsilon_high, config.loss_type,
+                                            config.max_completion_length)
+                    (loss / config.grad_accum).backward()
+                    loss_total = loss_total + loss.detach().cpu() / config.grad_accum
+                    for key in stats_total:
+                        stats_total[key] += stats[key] / max(len(rollouts), 1)
+                timing["policy"] += time.perf_counter() - clock
+                clock = time.perf_counter()
+                sync_gradients(accelerator, params)
+                norm = grad_norm_and_clip(params, config.max_grad_norm) if rollouts else torch.tensor(0.0)
+                if guard.check(loss_total, norm, checkpoint) and rollouts:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                timing["optimizer"] += time.perf_counter() - clock
+        except torch.cuda.OutOfMemoryError:
+            raise UserError(oom_advice("GRPO")) from None
+
+        reward = torch.cat(totals)
+        metrics = {
+            "step": step + 1, "loss": float(accelerator.reduce(loss_total.to(accelerator.device), "mean")),
+            "reward": float(reward.mean()), "reward_std": float(reward.view(-1, G).std(1).mean()),
+            **{f"rewards/{name}": float(torch.cat([p[name] for p in reward_parts]).mean()) for name in reward_fns},
+            "kl": stats_total["kl"], "clip_ratio": stats_total["clip_ratio"],
+            "completion_length": float(torch.cat(lengths).mean()),
+            "frac_reward_zero_std": float((reward.view(-1, G).std(1) == 0).float().mean()),
+            "grad_norm": float(norm), "lr": scheduler.get_last_lr()[0], "step_seconds": time.perf_counter() - step_began,
+            **{f"time/{k}": v for k, v in timing.items()},
+            **({} if guard.in_a_row == 0 else {"skipped": "non-finite loss or gradient"}),
+        }
+        if config.eval_every and config.eval_data and (step + 1) % config.eval_every == 0 and main:
+            metrics.update(held_out_accuracy(model, processor, config))
+        if main:
+            log.write(metrics)
+            if logged:
+                with open(out / "completions.jsonl", "a", encoding="utf-8") as f:
+                    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in logged))
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics.get('rewards/accuracy', float('nan')):.2f}")
+            if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.max_steps:
+                checkpoint = checkpoint_or_stop(out / f"checkpoint-{step + 1}", checkpoint, model=model, processor=processor,
+                                                optimizer=optimizer, scheduler=scheduler, step=step + 1, config=config,
+                                                metrics=metrics)
+                prune_checkpoints(out, config.keep_checkpoints)
+        accelerator.wait_for_everyone()
+    bar.close()
+    if main:
+        final = checkpoint_or_stop(out / "final", checkpoint, model=model, processor=processor, optimizer=optimizer,
+                                   scheduler=scheduler, step=config.max_steps, config=config, metrics=metrics, final=True)
+        run_summary(out, config, config.max_steps, metrics, time.perf_counter() - began)
+        log.close()
+        return final
+    return out / "final"
+
+
+def run_argv(argv: list[str]) -> int:
+    """`audio-rft grpo --config FILE [key=value ...]`."""
+    config, flags = parse_train_args(GRPOConfig, argv, "grpo")
+    print(train_grpo(config, fresh=flags.fresh))
+    return 0
