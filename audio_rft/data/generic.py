@@ -189,13 +189,15 @@ def build(out: str | Path, builder: str, params: dict[str, Any], items: Iterable
                 if writer.has_id(item.sample.id):  # checked before decoding: cheap
                     raise SampleError(f"duplicate id (first one kept): {item.sample.id!r}")
                 waveform, info = load_audio(item.audio)
-                writer.add(item.sample, waveform, info)
-                if item.note:
-                    writer.note(item.note, item.sample.id)
             except (SampleError, AudioError) as e:
                 writer.reject(where, str(e), sample_id)
+                continue
             except OSError as e:  # the file vanished or became unreadable after it was located
                 writer.reject(where, f"cannot read audio ({e.strerror or e}): {e.filename or ''}", sample_id)
+                continue
+            writer.add(item.sample, waveform, info)  # outside the try: a failing write is an error, not a reject
+            if item.note:
+                writer.note(item.note, item.sample.id)
         summary = writer.summary()
         if not writer.samples:
             if not seen:

@@ -17,7 +17,7 @@ from typing import Any
 import soundfile as sf
 
 from audio_rft import UserError
-from audio_rft.config import config_to_dict, option
+from audio_rft.config import config_help, config_to_dict, load_config, option
 from audio_rft.data.audio import MAX_SECONDS, SAMPLE_RATE
 from audio_rft.data.dataset import AUDIO_DIR, DATA_FILE, MANIFEST_FILE, REJECTED_FILE, content_hash
 from audio_rft.data.schema import Sample, SampleError
@@ -156,7 +156,9 @@ def validate_dataset(folder: str | Path) -> list[str]:
         "unanswered": sum(s.answer is None for s in samples),
         "per_task": {t: n for t, n in sorted(per_task.items())},
     }
-    found = {**manifest, "per_task": {t: v.get("count") for t, v in manifest.get("per_task", {}).items()}}
+    per_task_found = manifest.get("per_task")
+    found = {**manifest, "per_task": {t: v.get("count") if isinstance(v, dict) else v for t, v in per_task_found.items()}
+             if isinstance(per_task_found, dict) else per_task_found}
     for key, value in expected.items():
         if found.get(key) != value:
             problems.append(f"{manifest_path}: {key} is {found.get(key)!r}, the folder holds {value!r}")
@@ -170,14 +172,24 @@ def validate_dataset(folder: str | Path) -> list[str]:
 # ---------------------------------------------------------------- command line
 
 
-def _run_prepare(args: argparse.Namespace) -> int:
+def _config_from_args(args: argparse.Namespace) -> PrepareConfig:
     from audio_rft.data.generic import parse_fields
 
+    if args.source == "recipe":
+        config = load_config(PrepareConfig, args.recipe, args.overrides)
+        if config.fields:
+            config.fields = parse_fields(f"{k}={v}" for k, v in config.fields.items())
+        return config
     config = PrepareConfig(source=args.source, out=args.out)
     for key in config_to_dict(config):
         if key not in ("source", "out", "fields") and getattr(args, key, None) is not None:
             setattr(config, key, getattr(args, key))
     config.fields = parse_fields(getattr(args, "field", None) or [])
+    return config
+
+
+def _run_prepare(args: argparse.Namespace) -> int:
+    config = _config_from_args(args)
     summary = prepare(config)
     parts = summary.items() if config.source == "synth" else [(None, summary)]
     rejected = 0
@@ -296,3 +308,13 @@ def add_parser(subparsers: Any, command: str) -> None:
     _audio_dir(s, "the dataset's folder")
     _mapping(s)
     s.add_argument("--hf-split", help="which split of a saved DatasetDict to read (needed when it has several)")
+
+    s = sources.add_parser("recipe", help="a YAML recipe (data_prep/*.yaml) naming the source and its options",
+                           formatter_class=_HELP, epilog=config_help(PrepareConfig),
+                           description="Prepare from a YAML file of the keys below, e.g. "
+                                       "`audio-rft prepare recipe data_prep/mmau-test-mini.yaml out=runs/mmau`; "
+                                       "key=value arguments override the file.\n\n" + _OUTPUT)
+    s.add_argument("recipe", metavar="FILE", help="YAML recipe")
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override a key of the recipe")
+    s.add_argument("--strict", action="store_true", help="exit with status 1 when any item was rejected")
+    s.set_defaults(func=_run_prepare, source="recipe")
