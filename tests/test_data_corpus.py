@@ -14,6 +14,7 @@ import soundfile as sf
 from audio_rft import UserError
 from audio_rft.data import audio as audio_module
 from audio_rft.data.generic import build_table
+from audio_rft.data.prepare import validate_dataset
 from conftest import item, write_audio, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,8 +104,10 @@ def test_whole_file_problems_are_one_user_error(tmp_path, content, message):
 
 def test_truncated_json_lines_are_rejected_by_line(tmp_path, good_wav):
     good = json.dumps(item("a", "clips/good.wav"))
-    src = write_jsonl(tmp_path / "items.jsonl", [good, good.replace('"a"', '"b"')[:40], "", "[1, 2]"])
-    build_table(src, tmp_path / "out")
+    separator = json.dumps(item("c", "clips/good.wav", question="line\u2028separator"), ensure_ascii=False)
+    src = write_jsonl(tmp_path / "items.jsonl", [good, good.replace('"a"', '"b"')[:40], "", "[1, 2]", separator])
+    assert build_table(src, tmp_path / "out")["accepted"] == 2  # a raw U+2028 inside a string is not a line break
+    assert validate_dataset(tmp_path / "out") == []
     rejected = read_jsonl(tmp_path / "out" / "rejected.jsonl")
     assert [(r["where"], r["reason"].split(" (")[0]) for r in rejected] == [
         ("line 2", "malformed JSON"), ("line 4", "expected a JSON object, got list")]

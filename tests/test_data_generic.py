@@ -36,6 +36,7 @@ BAD_ITEMS = {  # id -> (record changes, expected reason prefix)
     "escaping": ({"audio": "../../etc/passwd"}, "audio path escapes the audio root"),
     "absolute-outside": ({"audio": "/etc/hostname"}, "audio path escapes the audio root"),
     "no-audio-field": ({"audio": None}, "field 'audio': missing or empty"),
+    "nul-in-path": ({"audio": "clips/a\x00.wav"}, "invalid audio path"),
     "bad-task": ({"task": "noise"}, "field 'task'"),
 }
 

@@ -76,7 +76,7 @@ def read_json_items(path: Path) -> list[tuple[str, Any]]:
             raise UserError(f"{path}: expected a JSON list of items or one JSON object per line, "
                             f"got one {type(data).__name__} spread over several lines")
     items: list[tuple[str, Any]] = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
         if not line.strip():
             continue
         try:
@@ -92,15 +92,15 @@ def read_csv_items(path: Path, delimiter: str = ",") -> list[tuple[str, Any]]:
     """(where, row dict) per CSV record; `where` is the line the record starts on."""
     reader = csv.DictReader(io.StringIO(read_text(path), newline=""), delimiter=delimiter)
     items: list[tuple[str, Any]] = []
-    start = 2  # line 1 is the header
     try:
+        if reader.fieldnames is None:
+            raise UserError(f"{path}: empty CSV file (expected a header line naming the columns)")
+        start = reader.line_num + 1  # the line after the header
         for row in reader:
             items.append((f"line {start}", row))
             start = reader.line_num + 1
     except csv.Error as e:
         raise UserError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from None
-    if reader.fieldnames is None:
-        raise UserError(f"{path}: empty CSV file (expected a header line naming the columns)")
     return items
 
 
@@ -126,8 +126,11 @@ def locate_audio(value: Any, root: Path, allow_absolute: bool = False) -> Path:
         resolved = (given if given.is_absolute() else root / given).resolve()
     except RuntimeError:  # Python < 3.13 reports a symlink loop this way
         raise AudioError(f"symlink loop: {value}") from None
+    except ValueError:  # e.g. an embedded NUL byte
+        raise AudioError(f"invalid audio path: {value!r}") from None
     except OSError as e:
-        raise AudioError(f"symlink loop: {value}" if e.errno == errno.ELOOP else f"cannot resolve audio path ({e.strerror}): {value}") from None
+        reason = "symlink loop" if e.errno == errno.ELOOP else f"cannot resolve audio path ({e.strerror})"
+        raise AudioError(f"{reason}: {value}") from None
     if not (allow_absolute and given.is_absolute()) and not resolved.is_relative_to(root.resolve()):
         raise AudioError(f"audio path escapes the audio root {root}: {value}")
     return resolved

@@ -93,6 +93,12 @@ def format_summary(summary: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- validate
 
 
+def _lines(path: Path) -> list[str]:
+    """JSONL lines; not splitlines(), which also breaks at U+2028 inside JSON strings."""
+    text = path.read_text(encoding="utf-8")
+    return text[:-1].split("\n") if text.endswith("\n") else text.split("\n") if text else []
+
+
 def validate_dataset(folder: str | Path) -> list[str]:
     """Every problem found in a prepared dataset folder (empty when clean); UserError when it is not one."""
     folder = Path(folder)
@@ -104,7 +110,7 @@ def validate_dataset(folder: str | Path) -> list[str]:
     samples: list[Sample] = []
     ids: set[str] = set()
     try:
-        lines = data.read_text(encoding="utf-8").splitlines()
+        lines = _lines(data)
     except UnicodeDecodeError:
         return [f"{data}: not UTF-8 text"]
     for number, line in enumerate(lines, 1):
@@ -148,7 +154,7 @@ def validate_dataset(folder: str | Path) -> list[str]:
             raise ValueError("not a JSON object")
     except (ValueError, UnicodeDecodeError) as e:
         return problems + [f"{manifest_path}: unreadable ({e})"]
-    rejected = rejected_path.read_text(encoding="utf-8").splitlines() if rejected_path.is_file() else None
+    rejected = _lines(rejected_path) if rejected_path.is_file() else None
     per_task = Counter(s.task for s in samples)
     expected = {
         "accepted": len(lines),
