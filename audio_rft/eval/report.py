@@ -1,0 +1,532 @@
+"""`audio-rft report`: variants side by side as the paper's Table 1 reads, with the checks a small test set needs.
+
+Raw accuracy alone misleads on a few hundred items (DESIGN.md "Measuring honestly"): a model that always
+gives one answer scores that answer's share, and evaluations swing by several points. So every cell
+carries a 95% bootstrap interval, every pair of variants gets a paired test on the same items, and beside
+raw accuracy sit balanced accuracy, the answer distribution, format compliance and completion length.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import Counter, defaultdict
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from audio_rft import UserError
+from audio_rft.answers import follows_format, mmau_match
+from audio_rft.eval.score import TASK_ORDER, DIFFICULTY_ORDER, item_match, load_predictions, prediction_text, sub_category
+from audio_rft.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+RESAMPLES = 2000
+TOP_ANSWERS = 10  # answers listed per sub-category; the rest are summed as "(other answers)"
+PAPER_COLUMNS = ("model", "method", "prompt", "sound", "music", "speech", "average", "source")
+PAPER_CAVEAT = ("Their numbers, not ours: Li et al. 2025 (arXiv 2503.11197) Table 1, Qwen2-Audio-7B-Instruct on MMAU "
+                "test-mini. Not comparable to a tiny model on synthetic data; shown for orientation only.")
+
+
+# ---------------------------------------------------------------- statistics
+
+def bootstrap_ci(correct: int, n: int, resamples: int = RESAMPLES, seed: int = 0) -> list[float] | None:
+    """95% percentile bootstrap interval of an accuracy (percent) over n items, k of them correct.
+
+    Resampling n items with replacement from a 0/1 vector draws the count of correct ones from
+    Binomial(n, k/n): the same distribution as index resampling, at O(resamples) cost whatever n is.
+    """
+    if n == 0:
+        return None
+    draws = np.random.default_rng(seed).binomial(n, correct / n, resamples) / n * 100
+    return [round(float(x), 2) for x in np.percentile(draws, [2.5, 97.5])]
+
+
+def paired_test(a: np.ndarray, b: np.ndarray, resamples: int = RESAMPLES, seed: int = 0) -> dict:
+    """Two variants' 0/1 outcomes on the same items: exact McNemar test and paired-bootstrap CI of b − a.
+
+    Only discordant items carry information about which is better: under "no difference", the items
+    that b alone gets right are Binomial(discordant, 1/2). The paired bootstrap resamples items, i.e.
+    draws the four (a, b) outcome cells from a multinomial.
+    """
+    from scipy.stats import binomtest  # scipy arrives with librosa; imported here so `score` never needs it
+
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    n = len(a)
+    only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
+    p_value = float(binomtest(only_b, only_a + only_b, 0.5).pvalue) if only_a + only_b else 1.0
+    ci = None
+    if n:
+        cells = np.array([np.sum(a & b), only_a, only_b, np.sum(~a & ~b)]) / n
+        counts = np.random.default_rng(seed).multinomial(n, cells, resamples)
+        diffs = (counts[:, 2] - counts[:, 1]) / n * 100
+        ci = [round(float(x), 2) for x in np.percentile(diffs, [2.5, 97.5])]
+    return {
+        "n": n,
+        "accuracy_a": _pct(int(a.sum()), n), "accuracy_b": _pct(int(b.sum()), n),
+        "difference": round((only_b - only_a) / n * 100, 2) if n else None,
+        "difference_ci95": ci, "only_a_correct": only_a, "only_b_correct": only_b,
+        "mcnemar_p": p_value, "significant": p_value < 0.05,
+    }
+
+
+def balanced_accuracy(rows: list[dict]) -> float | None:
+    """Mean per-answer recall within each sub-category, then averaged over sub-categories weighted by items.
+
+    A constant answer scores 1/K in a sub-category with K distinct right answers, however the answers are
+    distributed; the item weighting keeps the sub-category mix the same as raw accuracy's.
+    """
+    if not rows:
+        return None
+    by_sub: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        by_sub[r["sub"]][r["answer"].strip().lower()].append(r["match"])
+    weighted = sum(sum(map(len, answers.values())) * np.mean([np.mean(m) for m in answers.values()])
+                   for answers in by_sub.values())
+    return round(float(weighted / len(rows) * 100), 2)
+
+
+def _pct(k: int, n: int) -> float | None:
+    return round(k / n * 100, 2) if n else None
+
+
+# ---------------------------------------------------------------- loading
+
+def resolve_choice(prediction: str, choices: list[str]) -> tuple[str, int | None]:
+    """Which choice a prediction names, by the same MMAU rule: (choice text, 1-based position), or a marker."""
+    if not prediction.strip():
+        return "(empty)", None
+    for position, choice in enumerate(choices, 1):
+        if mmau_match(prediction, choice, choices):
+            return choice, position
+    return "(no single choice)", None
+
+
+def _read_meta(pred_path: Path) -> dict:
+    meta_path = pred_path.with_suffix(".meta.json")
+    if not meta_path.exists():
+        return {}
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{meta_path}: unreadable meta file ({e})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{meta_path}: expected a JSON object")
+    return meta
+
+
+def load_variant(name: str, pred_path: str | Path) -> dict:
+    """One run's predictions → per-item rows (scored items only) and run-level facts."""
+    pred_path = Path(pred_path)
+    items = load_predictions(pred_path)
+    meta = _read_meta(pred_path)
+    rows, seen = [], Counter()
+    for item in items:
+        match = item_match(item)
+        if match is None:
+            continue
+        item_id = str(item.get("id"))
+        seen[item_id] += 1  # repeated ids pair by occurrence
+        label, position = resolve_choice(prediction_text(item) or "", item["choices"])
+        rows.append({
+            "key": (item_id, seen[item_id]), "match": match, "task": str(item.get("task")),
+            "difficulty": None if item.get("difficulty") is None else str(item["difficulty"]),
+            "sub": str(sub_category(item) or item.get("task")),  # without a sub-category, balance within the task
+            "answer": item["answer"], "predicted": label, "position": position,
+            "gold_position": item["choices"].index(item["answer"]) + 1 if item["answer"] in item["choices"] else None,
+        })
+    prompt = meta.get("prompt") or next((i["prompt_mode"] for i in items if i.get("prompt_mode")), None)
+    return {
+        "name": name, "path": str(pred_path), "meta": meta, "rows": rows, "unscored": len(items) - len(rows),
+        "prompt": prompt, "checkpoint": meta.get("adapter") or meta.get("model"),
+        "control": bool(meta.get("ablate_audio")) or name.endswith("-no-audio"),
+        "format_rate": _format_rate(items, prompt), **_completion_length(items),
+    }
+
+
+def _format_rate(items: list[dict], default_mode: str | None) -> float | None:
+    """Share (percent) of raw completions that follow their prompt mode's format; None when unknowable."""
+    checked = []
+    for item in items:
+        mode = item.get("prompt_mode") or default_mode
+        if item.get("model_output") is None or mode is None:
+            continue
+        try:
+            checked.append(follows_format(item["model_output"], mode))
+        except ValueError:
+            return None  # a mode the format rule does not know
+    return _pct(sum(checked), len(checked))
+
+
+def _completion_length(items: list[dict]) -> dict:
+    # Tokens when infer recorded them for every item; otherwise words, so one variant never mixes units.
+    if items and all(isinstance(i.get("completion_tokens"), int) for i in items):
+        return {"mean_completion_length": round(float(np.mean([i["completion_tokens"] for i in items])), 2), "length_unit": "tokens"}
+    outputs = [i["model_output"] for i in items if isinstance(i.get("model_output"), str)]
+    if not outputs:
+        return {"mean_completion_length": None, "length_unit": None}
+    return {"mean_completion_length": round(float(np.mean([len(o.split()) for o in outputs])), 2), "length_unit": "words"}
+
+
+def read_paper_table(path: str | Path) -> list[dict]:
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in PAPER_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise UserError(f"{path}: paper table lacks column {missing[0]!r} (need {','.join(PAPER_COLUMNS)})")
+            rows = list(reader)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read paper table ({e.strerror})") from None
+    out = []
+    for i, row in enumerate(rows, 2):
+        try:
+            scores = {c: float(row[c]) for c in ("sound", "music", "speech", "average")}
+        except (TypeError, ValueError):
+            raise UserError(f"{path}: line {i}: sound/music/speech/average must be numbers") from None
+        out.append({"origin": "paper (theirs)", "model": row["model"], "method": row["method"],
+                    "prompt": row["prompt"], "accuracy": scores, "source": row["source"]})
+    return out
+
+
+# ---------------------------------------------------------------- the report
+
+def _cell(rows: list[dict], resamples: int, seed: int) -> dict:
+    k, n = sum(r["match"] for r in rows), len(rows)
+    return {"accuracy": _pct(k, n), "ci95": bootstrap_ci(k, n, resamples, seed), "n": n}
+
+
+def _distribution(labels: list[str]) -> dict[str, float]:
+    counts = Counter(labels).most_common()
+    shares = {label: round(c / len(labels), 4) for label, c in counts[:TOP_ANSWERS]}
+    rest = sum(c for _, c in counts[TOP_ANSWERS:])
+    if rest:
+        shares["(other answers)"] = round(rest / len(labels), 4)
+    return shares
+
+
+def _position_shares(positions: list[int | None]) -> dict[str, float]:
+    counts = Counter("none" if p is None else str(p) for p in positions)
+    keys = sorted((k for k in counts if k != "none"), key=int) + (["none"] if "none" in counts else [])
+    return {k: round(counts[k] / len(positions), 4) for k in keys} if positions else {}
+
+
+def _columns(variants: list[dict]) -> list[str]:
+    tasks = {r["task"] for v in variants for r in v["rows"]}
+    return [*TASK_ORDER, *sorted(tasks - set(TASK_ORDER)), "average"]
+
+
+def _summarise(v: dict, columns: list[str], resamples: int, seed: int) -> dict:
+    rows = v["rows"]
+    cells = {c: _cell(rows if c == "average" else [r for r in rows if r["task"] == c], resamples, seed) for c in columns}
+    groups = lambda key: {k: [r for r in rows if r[key] == k] for k in dict.fromkeys(r[key] for r in rows)}
+    by_difficulty = groups("difficulty")
+    order = dict.fromkeys([*DIFFICULTY_ORDER, *sorted(d for d in by_difficulty if d is not None)])
+    difficulties = {d: by_difficulty[d] for d in order if d in by_difficulty}
+    subs = groups("sub")
+    return {
+        "name": v["name"], "path": v["path"], "prompt": v["prompt"], "checkpoint": v["checkpoint"],
+        "control": v["control"],
+        "accuracy": {c: cells[c]["accuracy"] for c in columns},
+        "ci95": {c: cells[c]["ci95"] for c in columns},
+        "counts": {c: cells[c]["n"] for c in columns},
+        "n": len(rows), "unscored": v["unscored"],
+        "balanced_accuracy": balanced_accuracy(rows),
+        "format_rate": v["format_rate"],
+        "mean_completion_length": v["mean_completion_length"], "length_unit": v["length_unit"],
+        "per_difficulty": {d: _cell(r, resamples, seed) for d, r in difficulties.items()},
+        "per_sub_category": {s: {**_cell(r, resamples, seed), "balanced_accuracy": balanced_accuracy(r)} for s, r in subs.items()},
+        "answer_distribution": {s: {"predicted": _distribution([x["predicted"] for x in r]),
+                                    "gold": _distribution([x["answer"] for x in r])} for s, r in subs.items()},
+        "answer_position": {"predicted": _position_shares([r["position"] for r in rows]),
+                            "gold": _position_shares([r["gold_position"] for r in rows])},
+        "meta": v["meta"],
+    }
+
+
+def _paired_tests(variants: list[dict], columns: list[str], resamples: int, seed: int) -> list[dict]:
+    tests = []
+    for va, vb in combinations(variants, 2):
+        b_rows = {r["key"]: r for r in vb["rows"]}
+        common = [(r, b_rows[r["key"]]) for r in va["rows"] if r["key"] in b_rows]
+        for c in columns:
+            pairs = common if c == "average" else [(ra, rb) for ra, rb in common if ra["task"] == c]
+            if not pairs:
+                continue
+            test = paired_test(np.array([ra["match"] for ra, _ in pairs]), np.array([rb["match"] for _, rb in pairs]), resamples, seed)
+            tests.append({"a": va["name"], "b": vb["name"], "column": c, **test})
+    return tests
+
+
+def build_report(runs: list[tuple[str, str | Path]], out_dir: str | Path, paper_table: str | Path | None = None,
+                 seed: int = 0, resamples: int = RESAMPLES) -> dict:
+    """Compare runs [(name, PRED.json)]; write report.md/.json/.csv and charts into out_dir; return the JSON."""
+    if not runs:
+        raise UserError("no runs to compare")
+    if resamples < 1:
+        raise UserError(f"--resamples must be at least 1, got {resamples}")
+    names = [name for name, _ in runs]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate:
+        raise UserError(f"two runs are named {duplicate!r}; name them: NAME=PRED.json or --names")
+    loaded = [load_variant(name, path) for name, path in runs]
+    columns = _columns(loaded)
+    key_sets = {frozenset(r["key"] for r in v["rows"]) for v in loaded}
+    report = {
+        "scoring": "MMAU benchmark rule (audio_rft.answers.mmau_match); accuracy in percent; average = all scored items",
+        "ci": {"level": 0.95, "method": "percentile bootstrap over items", "resamples": resamples, "seed": seed},
+        "paired_test": "exact McNemar (binomial on discordant items, two-sided) + paired-bootstrap 95% CI of b - a",
+        "columns": columns,
+        "same_items": len(key_sets) == 1,
+        "variants": [_summarise(v, columns, resamples, seed) for v in loaded],
+        "paired_tests": _paired_tests(loaded, columns, resamples, seed),
+        "paper_table": read_paper_table(paper_table) if paper_table else [],
+        "paper_table_note": PAPER_CAVEAT if paper_table else None,
+        "files": {"markdown": "report.md", "csv": "report.csv", "accuracy_chart": "accuracy.png", "answers_chart": "answers.png"},
+    }
+    out_dir = Path(out_dir)
+    atomic_write_json(out_dir / "report.json", report)
+    atomic_write_text(out_dir / "report.md", render_markdown(report))
+    atomic_write_text(out_dir / "report.csv", render_csv(report))
+    plot_accuracy(report, out_dir / "accuracy.png")
+    plot_answers(report, out_dir / "answers.png")
+    return report
+
+
+# ---------------------------------------------------------------- rendering
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def _short(text: str, width: int = 32) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _acc_ci(acc: float | None, ci: list[float] | None) -> str:
+    return "—" if acc is None else f"{acc:.2f} [{ci[0]:.1f}, {ci[1]:.1f}]"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    cells = lambda r: "| " + " | ".join(str(x).replace("|", "\\|") for x in r) + " |"
+    return [cells(header), "|" + "---|" * len(header), *map(cells, rows), ""]
+
+
+def render_markdown(report: dict) -> str:
+    cols, variants, ci = report["columns"], report["variants"], report["ci"]
+    label = lambda v: v["name"] + (" (no-audio control)" if v["control"] else "")
+    md = ["# Evaluation report", "",
+          f"Scoring: {report['scoring']}. Cells: accuracy % [95% CI, {ci['method']}, {ci['resamples']:,} resamples, seed {ci['seed']}].",
+          "Balanced accuracy: mean per-answer recall within each sub-category (a constant answer scores 1/K), item-weighted.", ""]
+    if not report["same_items"]:
+        md += ["**Variants were not scored on the same items**: compare the paired tests (common items only), not the raw table.", ""]
+    md += ["## Accuracy (%), laid out as the paper's Table 1", ""]
+    md += _table(["variant", "prompt", "checkpoint", *cols, "n", "balanced acc", "format %", "mean length"],
+                 [[label(v), v["prompt"] or "—", v["checkpoint"] or "—", *(_acc_ci(v["accuracy"][c], v["ci95"][c]) for c in cols),
+                   v["n"], _fmt(v["balanced_accuracy"]), _fmt(v["format_rate"]),
+                   f"{_fmt(v['mean_completion_length'], 1)} {v['length_unit'] or ''}".strip()] for v in variants])
+    if any(v["unscored"] for v in variants):
+        md += ["Unscored items (answer withheld): " + ", ".join(f"{v['name']} {v['unscored']}" for v in variants) + ".", ""]
+    if any(v["control"] for v in variants):
+        md += ["The no-audio control answers without hearing the audio: what it scores comes from the text alone, "
+               "so only the margin above it measures listening.", ""]
+    if report["paired_tests"]:
+        md += ["## Paired comparisons (same items)", "",
+               "Exact McNemar test on the items exactly one of the two gets right; difference = B − A in points, "
+               "with its paired-bootstrap 95% CI. No correction for multiple comparisons.", ""]
+        md += _table(["A", "B", "column", "n", "A %", "B %", "B − A", "95% CI", "only A / only B right", "McNemar p", "verdict"],
+                     [[t["a"], t["b"], t["column"], t["n"], _fmt(t["accuracy_a"]), _fmt(t["accuracy_b"]),
+                       f"{t['difference']:+.2f}", f"[{t['difference_ci95'][0]:+.1f}, {t['difference_ci95'][1]:+.1f}]",
+                       f"{t['only_a_correct']} / {t['only_b_correct']}", f"{t['mcnemar_p']:.3g}",
+                       "significant at 0.05" if t["significant"] else "not significant"] for t in report["paired_tests"]])
+    difficulties = list(dict.fromkeys(d for v in variants for d in v["per_difficulty"]))
+    if difficulties:
+        md += ["## Per difficulty", ""]
+        md += _table(["variant", *difficulties], [[label(v), *(_acc_ci(v["per_difficulty"].get(d, {}).get("accuracy"),
+                                                                       v["per_difficulty"].get(d, {}).get("ci95")) for d in difficulties)]
+                                                  for v in variants])
+    subs = list(dict.fromkeys(s for v in variants for s in v["per_sub_category"]))
+    if subs:
+        md += ["## Per sub-category: accuracy % [95% CI] / balanced %", ""]
+        md += _table(["sub-category", "n", *(v["name"] for v in variants)],
+                     [[s, max(v["per_sub_category"].get(s, {}).get("n", 0) for v in variants),
+                       *(f"{_acc_ci(e['accuracy'], e['ci95'])} / {_fmt(e['balanced_accuracy'])}" if (e := v["per_sub_category"].get(s)) else "—"
+                         for v in variants)] for s in subs])
+        md += ["## Answer distribution per sub-category", "",
+               "Share of each predicted answer (resolved to a choice by the MMAU rule); a model that always says one thing shows one answer near 100%.", ""]
+        share = lambda d: ", ".join(f"{_short(k)} {p:.0%}" for k, p in list(d.items())[:3])
+        md += _table(["sub-category", "gold (top 3)", *(v["name"] for v in variants)],
+                     [[s, share(next(v["answer_distribution"][s]["gold"] for v in variants if s in v["answer_distribution"])),
+                       *(share(v["answer_distribution"][s]["predicted"]) if s in v["answer_distribution"] else "—" for v in variants)]
+                      for s in subs])
+        positions = list(dict.fromkeys(p for v in variants for side in ("gold", "predicted") for p in v["answer_position"][side]))
+        positions = sorted((p for p in positions if p != "none"), key=int) + (["none"] if "none" in positions else [])
+        md += ["Share of predictions at each choice position (position bias), with the right answers' positions for reference:", ""]
+        # The right answers' positions are the same for every variant when all were scored on the same items.
+        gold_rows = variants[:1] if report["same_items"] else variants
+        md += _table(["", *positions],
+                     [[label(v), *(f"{v['answer_position']['predicted'].get(p, 0):.0%}" for p in positions)] for v in variants]
+                     + [[f"right answers ({v['name']}'s items)", *(f"{v['answer_position']['gold'].get(p, 0):.0%}" for p in positions)]
+                        for v in gold_rows])
+    if report["paper_table"]:
+        md += ["## The paper's numbers (theirs)", "", f"*{report['paper_table_note']}*", ""]
+        md += _table(["model", "method", "prompt", "sound", "music", "speech", "average", "source"],
+                     [[r["model"], r["method"], r["prompt"], *(_fmt(r["accuracy"][c]) for c in ("sound", "music", "speech", "average")),
+                       r["source"]] for r in report["paper_table"]])
+    md += ["Charts: accuracy.png (accuracy with 95% CI whiskers), answers.png (predicted-answer shares per sub-category).", ""]
+    return "\n".join(md)
+
+
+def render_csv(report: dict) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["origin", "variant", "prompt", "checkpoint", "column", "accuracy", "ci_low", "ci_high", "n",
+                     "balanced_accuracy", "format_rate", "mean_completion_length", "control"])
+    for v in report["variants"]:
+        for c in report["columns"]:
+            ci = v["ci95"][c] or [None, None]
+            writer.writerow(["ours", v["name"], v["prompt"], v["checkpoint"], c, v["accuracy"][c], *ci, v["counts"][c],
+                             v["balanced_accuracy"] if c == "average" else None, v["format_rate"], v["mean_completion_length"], v["control"]])
+    for r in report["paper_table"]:
+        for c in ("sound", "music", "speech", "average"):
+            writer.writerow([r["origin"], f"{r['model']} / {r['method']}", r["prompt"], None, c, r["accuracy"][c],
+                             None, None, None, None, None, None, None])
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- charts
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only; never a display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: str | Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_accuracy(report: dict, out_png: str | Path) -> None:
+    """Bars per task column, grouped by variant, with 95% CI whiskers."""
+    plt = _pyplot()
+    variants, cols = report["variants"], report["columns"]
+    width = 0.8 / len(cols)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(variants) * len(cols) * 0.45 + 2), 4))
+    x = np.arange(len(variants))
+    for j, c in enumerate(cols):
+        acc = np.array([np.nan if v["accuracy"][c] is None else v["accuracy"][c] for v in variants])
+        lo = np.array([0 if v["ci95"][c] is None else v["accuracy"][c] - v["ci95"][c][0] for v in variants])
+        hi = np.array([0 if v["ci95"][c] is None else v["ci95"][c][1] - v["accuracy"][c] for v in variants])
+        ax.bar(x + (j - (len(cols) - 1) / 2) * width, acc, width, yerr=[lo, hi], capsize=3, label=c)
+    ax.set_xticks(x, [v["name"] + ("\n(no audio)" if v["control"] else "") for v in variants], rotation=15 if len(variants) > 4 else 0)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("Accuracy with 95% bootstrap CI")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    _save(fig, out_png)
+
+
+def plot_answers(report: dict, out_png: str | Path, max_subs: int = 40) -> None:
+    """Per variant (and the right answers), each sub-category's predicted-answer shares, stacked largest first."""
+    plt = _pyplot()
+    variants = report["variants"]
+    subs = list(dict.fromkeys(s for v in variants for s in v["answer_distribution"]))[:max_subs] or ["(none)"]
+    panels = [("right answers", {s: d["gold"] for s, d in variants[0]["answer_distribution"].items()})]
+    panels += [(v["name"], {s: d["predicted"] for s, d in v["answer_distribution"].items()}) for v in variants]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 2, 0.32 * len(subs) + 1.5), sharey=True, squeeze=False)
+    colours = plt.get_cmap("tab20").colors
+    for ax, (title, dist) in zip(axes[0], panels):
+        ranked = [list(dist.get(s, {}).items()) for s in subs]
+        left = np.zeros(len(subs))
+        for rank in range(max(map(len, ranked))):  # one barh call per rank keeps 40 sub-categories fast
+            cells = [r[rank] if rank < len(r) else ("", 0.0) for r in ranked]
+            widths = np.array([share for _, share in cells])
+            # markers such as "(other answers)", "(empty)", "(no single choice)" are grey
+            ax.barh(range(len(subs)), widths, left=left, edgecolor="white", linewidth=0.5,
+                    color=["lightgrey" if a.startswith("(") else colours[rank % len(colours)] for a, _ in cells])
+            for y, (answer, share) in enumerate(cells):
+                if share >= 0.2:
+                    ax.text(left[y] + share / 2, y, answer if len(answer) <= 15 else answer[:14] + "…", ha="center", va="center", fontsize=6)
+            left += widths
+        ax.set_title(title, fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("share of items")
+    axes[0][0].set_yticks(range(len(subs)), subs, fontsize=7)
+    axes[0][0].invert_yaxis()
+    fig.suptitle("Answer distribution per sub-category (one bar near 100% = a constant answer)", fontsize=10)
+    _save(fig, out_png)
+
+
+def plot_accuracy_vs_step(rows: list[dict], out_png: str | Path, title: str = "Accuracy by checkpoint") -> None:
+    """Checkpoint sweep: rows of {"step", "average", "ci_low", "ci_high"} → a line with its 95% CI band."""
+    plt = _pyplot()
+    rows = sorted(rows, key=lambda r: r["step"])
+    steps = [r["step"] for r in rows]
+    nan = lambda x: np.nan if x is None else x
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.fill_between(steps, [nan(r.get("ci_low")) for r in rows], [nan(r.get("ci_high")) for r in rows], alpha=0.25, label="95% CI")
+    ax.plot(steps, [nan(r["average"]) for r in rows], marker="o", label="average accuracy")
+    ax.set_xlabel("step")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, out_png)
+
+
+# ---------------------------------------------------------------- CLI
+
+def parse_runs(specs: list[str], names: str | None = None) -> list[tuple[str, str]]:
+    """`name=PRED.json` or `PRED.json` (named by its meta's "name", else the file stem; its folder if stems repeat)."""
+    runs = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or Path(spec).exists():
+            name, path = "", spec
+        runs.append([name, path])
+    stems = [Path(p).name.removesuffix(".json") for _, p in runs]
+    for run, stem in zip(runs, stems):
+        if not run[0]:
+            meta_name = _read_meta(Path(run[1])).get("name") if Path(run[1]).exists() else None
+            run[0] = meta_name or (f"{Path(run[1]).parent.name}/{stem}" if stems.count(stem) > 1 else stem)
+    if names:
+        given = [n.strip() for n in names.split(",")]
+        if len(given) != len(runs):
+            raise UserError(f"--names gives {len(given)} names for {len(runs)} runs")
+        runs = [[n, p] for n, (_, p) in zip(given, runs)]
+    return [(n, p) for n, p in runs]
+
+
+def _run(args) -> int:
+    report = build_report(parse_runs(args.runs, args.names), args.out, args.paper_table, args.seed, args.resamples)
+    for v in report["variants"]:
+        cells = "  ".join(f"{c} {_acc_ci(v['accuracy'][c], v['ci95'][c])}" for c in report["columns"])
+        print(f"{v['name']}: {cells}  (n={v['n']}, balanced {_fmt(v['balanced_accuracy'])})")
+    for t in report["paired_tests"]:
+        if t["column"] == "average":
+            verdict = "significant at 0.05" if t["significant"] else "not significant"
+            print(f"{t['b']} − {t['a']}: {t['difference']:+.2f} points, McNemar p={t['mcnemar_p']:.3g} ({verdict})")
+    print(f"wrote {Path(args.out) / 'report.md'} (+ report.json, report.csv, accuracy.png, answers.png)")
+    return 0
+
+
+def add_parser(subparsers: Any, command: str) -> None:
+    p = subparsers.add_parser(command, help="compare scored runs with confidence intervals",
+                              description="Compare prediction files side by side (paper Table 1 layout) with "
+                                          "bootstrap CIs, paired McNemar tests, balanced accuracy and answer distributions.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="NAME=PRED.json or PRED.json (PRED.meta.json beside it is read when present)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for report.md, report.json, report.csv and the PNG charts")
+    p.add_argument("--paper-table", metavar="CSV", help="the paper's numbers to show beside ours, labelled as theirs")
+    p.add_argument("--names", metavar="a,b,...", help="names for the runs, in order (override NAME= and file stems)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--resamples", type=int, default=RESAMPLES, help=f"bootstrap resamples (default {RESAMPLES})")
+    p.set_defaults(func=_run)

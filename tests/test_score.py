@@ -1,0 +1,183 @@
+"""`audio-rft score`: the MMAU rule decision for decision, the output format, and malformed input."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from audio_rft.answers import mmau_match
+from audio_rft.eval.score import format_summary, score_file, score_predictions
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+
+
+# An independent reference, written from the rule's wording in shared/data/README.md, not from answers.py.
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"\b\w+\b", text.lower()))
+
+
+def reference_correct(prediction: str, answer: str, choices: list[str]) -> bool:
+    pred, ans = _words(prediction), _words(answer)
+    if len(pred) == 0:  # (1) at least one token
+        return False
+    if any(t not in pred for t in ans):  # (2) every answer token is in the prediction
+        return False
+    for choice in choices:  # (3) no token of a wrong choice, counted after removing the answer's tokens
+        tokens = _words(choice)
+        if tokens == ans:  # same token set as the answer: not a wrong choice
+            continue
+        if any(t in pred and t not in ans for t in tokens):
+            return False
+    return True
+
+
+def _variants(item: dict, rng: random.Random) -> list[str]:
+    """Predictions a model might give for one item: right, wrong, hedged, garbled, partial."""
+    answer, choices = item["answer"], item["choices"]
+    wrong = rng.choice([c for c in choices if c != answer])
+    words = answer.split()
+    letter = "ABCDEFGH"[choices.index(answer)]
+    return [
+        answer, wrong, rng.choice(choices), f"The answer is {answer}.", letter, rng.choice(["A", "B", "(C)", "d"]),
+        f"{letter}. {answer}", f"{answer} or {wrong}", f"{wrong}, not {answer}", answer.upper(), answer.lower(),
+        f"  {answer}!!! ", answer.replace(" ", "-"), answer.replace(" ", ""), "", "   ", "...",
+        f"I think the answer is {answer} because of what I hear in the clip", words[0], answer[: max(1, len(answer) // 2)],
+        f"<answer>{answer}</answer>", f"<think>it could be {wrong}</think><answer>{answer}</answer>", " ".join(choices),
+        " ".join(rng.sample(item["question"].split(), min(3, len(item["question"].split())))), " ".join(reversed(words)),
+        f"{answer} é", f"({letter}) {answer}", str(choices), rng.choice(["yes", "no", "none of the above", "Man", "1"]),
+    ]
+
+
+@pytest.fixture(scope="module")
+def mmau_items() -> list[dict]:
+    path = SHARED / "mmau-test-mini.json"
+    if not path.exists():
+        pytest.skip("../shared is absent (a user's clone has none)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_every_decision_matches_the_official_rule(mmau_items):
+    rng = random.Random(1234)
+    decisions = {True: 0, False: 0}
+    for item in mmau_items:
+        for prediction in _variants(item, rng):
+            expected = reference_correct(prediction, item["answer"], item["choices"])
+            assert mmau_match(prediction, item["answer"], item["choices"]) == expected, (item["id"], prediction)
+            decisions[expected] += 1
+    assert len(mmau_items) == 1000 and decisions[True] > 5000 and decisions[False] > 5000  # both outcomes well exercised
+
+
+def test_score_file_applies_the_rule_to_every_item(mmau_items, tmp_path):
+    rng = random.Random(7)
+    items = [{**item, "model_prediction": rng.choice(_variants(item, rng))} for item in mmau_items]
+    path = tmp_path / "pred.json"
+    path.write_text(json.dumps(items))
+    result = score_file(path)
+    expected = [int(reference_correct(i["model_prediction"], i["answer"], i["choices"])) for i in items]
+    assert [s["match"] for s in result["samples"]] == expected
+    assert [s["id"] for s in result["samples"]] == [i["id"] for i in items]
+    summary = result["summary"]
+    assert summary["n"] == 1000 and summary["total_accuracy"] == round(100 * sum(expected) / 1000, 2)
+    assert sum(v["n"] for v in summary["task"].values()) == 1000 and list(summary["task"]) == ["sound", "music", "speech"]
+    assert sum(v["n"] for v in summary["sub_category"].values()) == 1000 and len(summary["sub_category"]) == 27
+    assert list(summary["difficulty"]) == ["easy", "medium", "hard"]
+
+
+@pytest.mark.parametrize("prediction, answer, choices, correct", [
+    ("woman", "Man", ["Man", "Woman"], False),  # "woman" is one token, not "wo" + "man"
+    ("Woman.", "Woman", ["Man", "Woman"], True),
+    ("dog barking", "A dog barking", ["A dog barking", "A cat meowing"], False),  # the answer's "a" is missing
+    ("a dog barking loudly", "A dog barking", ["A dog barking", "A cat meowing"], True),
+    ("a dog barking, not a cat", "A dog barking", ["A dog barking", "A cat meowing"], False),
+    ("Piano", "Piano", ["Piano and guitar", "Piano", "Guitar"], True),
+    ("piano and guitar", "Piano", ["Piano and guitar", "Piano", "Guitar"], False),
+    ("guitar and piano", "Piano and guitar", ["Piano and guitar", "Piano", "Guitar"], True),  # order is ignored
+    ("piano", "Piano and guitar", ["Piano and guitar", "Piano", "Guitar"], False),
+    ("C-major", "C major", ["C-major", "C major", "D minor"], True),  # same token set: not a wrong choice
+    ("c major or d", "C major", ["C-major", "C major", "D minor"], False),
+    ("4/3", "3/4", ["3/4", "4/4"], True),  # tokens {3, 4}: the rule cannot see order
+    ("4/4", "3/4", ["3/4", "4/4"], False),
+    ("CAFÉ", "Café", ["Café", "Bar"], True),  # \w is Unicode-aware
+    ("maybe", "?", ["?", "yes"], True),  # an answer without tokens: any non-wrong text passes (the official quirk)
+    ("", "Man", ["Man", "Woman"], False),
+    ("!!!", "?", ["?", "yes"], False),  # no token at all is never correct
+])
+def test_subtle_cases(prediction, answer, choices, correct):
+    assert reference_correct(prediction, answer, choices) == correct
+    assert mmau_match(prediction, answer, choices) == correct
+
+
+def _item(i, answer="Man", **extra):
+    return {"id": f"q{i}", "audio": f"a{i}.wav", "question": "Who speaks?", "choices": ["Man", "Woman"],
+            "answer": answer, "task": "sound", "difficulty": "easy", "sub_category": "Speaker", **extra}
+
+
+def test_summary_samples_unscored_and_fallbacks():
+    items = [
+        _item(0, model_prediction="Man"),
+        _item(1, answer=None, model_prediction="Man"),  # MMAU test split: no answer
+        {**_item(2, model_prediction="Woman"), "sub-category": "Gender"},  # MMAU's key
+        _item(3, task="music", difficulty="hard", model_output="<think>maybe a woman</think><answer>Man</answer>"),
+        _item(4, task="speech", model_output="<answer>Man</answer>", model_prediction="Woman"),  # prediction wins
+        _item(5, task="speech"),  # no prediction at all: wrong, as the official script counts it
+    ]
+    del items[2]["sub_category"]
+    result = score_predictions(items)
+    assert [s["id"] for s in result["samples"]] == [f"q{i}" for i in range(6)]
+    assert [s["match"] for s in result["samples"]] == [1, None, 0, 0, 0, 0]  # q3: raw output, nothing extracted
+    s = result["summary"]
+    assert (s["n"], s["correct"], s["unscored"], s["no_prediction"], s["total_accuracy"]) == (5, 1, 1, 1, 20.0)
+    assert s["task"] == {"sound": {"accuracy": 50.0, "correct": 1, "n": 2}, "music": {"accuracy": 0.0, "correct": 0, "n": 1},
+                         "speech": {"accuracy": 0.0, "correct": 0, "n": 2}}
+    assert s["sub_category"]["Gender"] == {"accuracy": 0.0, "correct": 0, "n": 1}
+    assert s["difficulty"]["easy"]["n"] == 4 and s["difficulty"]["hard"]["n"] == 1
+    text = format_summary(s)
+    assert "sound : 50.00% over 2 samples" in text and "Total Accuracy: 20.00% over 5 samples" in text
+    assert "No prediction count: 1" in text and "Unscored" in text
+
+
+def test_all_unscored_has_no_accuracy():
+    result = score_predictions([_item(0, answer=None, model_prediction="Man")])
+    assert result["summary"]["total_accuracy"] is None and result["samples"] == [{"id": "q0", "match": None}]
+    assert "n/a" in format_summary(result["summary"])
+
+
+def _cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "audio_rft", "score", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def test_cli_prints_and_writes(tmp_path):
+    pred, out = tmp_path / "pred.json", tmp_path / "out" / "scored.json"
+    pred.write_text(json.dumps([_item(0, model_prediction="man"), _item(1, model_prediction="woman")]))
+    proc = _cli(pred, "--output", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "Task-wise Accuracy:" in proc.stdout and "Total Accuracy: 50.00% over 2 samples" in proc.stdout
+    written = json.loads(out.read_text())
+    assert set(written) == {"summary", "samples"} and written["samples"] == [{"id": "q0", "match": 1}, {"id": "q1", "match": 0}]
+    assert written["summary"]["total_accuracy"] == 50.0 and written["summary"]["n"] == 2
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("{not json", "not valid JSON"),
+    ('{"a": 1}', "expected a JSON list"),
+    ('[{"choices": ["a", "b"], "answer": "a"}, 3]', "item 1: expected a JSON object"),
+    ('[{"id": "x", "answer": "a"}]', "item 0: field 'choices'"),
+    ('[{"choices": ["a", "b"], "answer": "a", "model_prediction": 5}]', "item 0: field 'model_prediction'"),
+    (None, "no such file"),
+])
+def test_malformed_files_are_one_line_errors(tmp_path, content, expected):
+    bad = tmp_path / "bad.json"
+    if content is not None:
+        bad.write_text(content)
+    proc = _cli(bad)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert str(bad) in lines[0] and expected in lines[0]
