@@ -57,7 +57,7 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     if not c.input:
         raise UserError(f"prepare {c.source}: an input file is required")
     if c.source != "hf" and not Path(c.input).is_file():
-        raise UserError(f"{c.input}: no such file")
+        raise UserError(f"{c.input}: " + ("a folder, expected a file" if Path(c.input).is_dir() else "no such file"))
     if c.index_base not in (0, 1):
         raise UserError(f"--index-base {c.index_base}: use 0 or 1")
     if c.source == "avqa":
