@@ -43,12 +43,14 @@ def load_waveforms(folder: str | Path, samples: list[Sample], ablate_audio: bool
     return [np.zeros_like(w) for w in waves] if ablate_audio else waves
 
 
-def prompt_strings(processor, samples: list[Sample], mode: str) -> list[str]:
-    return [processor.apply_chat_template(chat_messages(s, mode), add_generation_prompt=True, tokenize=False)
-            for s in samples]
+def prompt_strings(processor, samples: list[Sample], mode: str | list[str]) -> list[str]:
+    """Chat-formatted prompts; `mode` is one prompt mode or one per sample."""
+    modes = [mode] * len(samples) if isinstance(mode, str) else mode
+    return [processor.apply_chat_template(chat_messages(s, m), add_generation_prompt=True, tokenize=False)
+            for s, m in zip(samples, modes)]
 
 
-def encode_prompts(processor, samples: list[Sample], waveforms: list[np.ndarray], mode: str,
+def encode_prompts(processor, samples: list[Sample], waveforms: list[np.ndarray], mode: str | list[str],
                    max_prompt_tokens: int | None = None) -> PromptBatch:
     """Chat-format, tokenize (left padding) and featurize a batch of prompts."""
     texts = prompt_strings(processor, samples, mode)

@@ -361,12 +361,13 @@ def held_out_accuracy(model, processor, config: TrainConfig) -> dict[str, float]
     from audio_rft.eval.infer import predict
     from audio_rft.model import core_model
 
+    mode = "answer" if config.prompt_mode == "mixed" else config.prompt_mode
     samples = [s for s in load_dataset(config.eval_data, limit=config.eval_limit) if s.answer is not None]
-    outputs = predict(core_model(model), processor, config.eval_data, samples, config.prompt_mode,
-                      config.eval_batch_size, max_new_tokens=64 if config.prompt_mode == "think" else 16)
+    outputs = predict(core_model(model), processor, config.eval_data, samples, mode,
+                      config.eval_batch_size, max_new_tokens=64 if mode == "think" else 16)
     exact = [is_correct(extract_answer(t), s.answer, s.choices, "exact") for (t, _), s in zip(outputs, samples)]
     mmau = [is_correct(extract_answer(t), s.answer, s.choices, "mmau") for (t, _), s in zip(outputs, samples)]
-    fmt = [follows_format(t, config.prompt_mode) for t, _ in outputs]
+    fmt = [follows_format(t, mode) for t, _ in outputs]
     return {"eval/accuracy": float(np.mean(exact)), "eval/accuracy_mmau": float(np.mean(mmau)),
             "eval/format": float(np.mean(fmt)), "eval/n": len(samples)}
 

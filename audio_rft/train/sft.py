@@ -7,6 +7,7 @@ think -> <think>R</think><answer>X</answer> (R is the sample's `reasoning`). Eac
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from dataclasses import dataclass
@@ -26,19 +27,31 @@ from audio_rft.train.common import (
 
 @dataclass
 class SFTConfig(TrainConfig):
+    prompt_mode: str = option("answer", "prompt mode: direct, answer, think, or mixed (all three, spread by sample id)")
     lr: float = option(3e-4, "peak learning rate (LoRA; use ~1e-5 for full fine-tuning of the 7B)")
     max_target_tokens: int = option(96, "target length limit in tokens (longer targets are refused)")
 
 
-def target_batch(processor, samples, mode: str, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded target ids and mask, each target closed by <|im_end|>."""
+def sample_modes(samples, mode: str) -> list[str]:
+    """One prompt mode per sample; `mixed` spreads direct/answer/think by id, so a warm-up teaches all three."""
+    from audio_rft.prompts import PROMPT_MODES
+
+    if mode != "mixed":
+        return [mode] * len(samples)
+    return [PROMPT_MODES[int(hashlib.sha1(s.id.encode()).hexdigest(), 16) % len(PROMPT_MODES)] for s in samples]
+
+
+def target_batch(processor, samples, modes: str | list[str], limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded target ids and mask, each target closed by <|im_end|>; one mode or one per sample."""
     from audio_rft.prompts import target_text
 
+    modes = [modes] * len(samples) if isinstance(modes, str) else modes
     tokenizer = processor.tokenizer
-    rows = [tokenizer(target_text(s, mode) + "<|im_end|>", add_special_tokens=False)["input_ids"] for s in samples]
+    rows = [tokenizer(target_text(s, m) + "<|im_end|>", add_special_tokens=False)["input_ids"]
+            for s, m in zip(samples, modes)]
     longest = max(map(len, rows))
     if longest > limit:
-        raise UserError(f"a {mode} target has {longest} tokens, over max_target_tokens={limit}")
+        raise UserError(f"a target has {longest} tokens, over max_target_tokens={limit}")
     ids = torch.full((len(rows), longest), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, row in enumerate(rows):
@@ -50,8 +63,9 @@ def sft_loss(core, processor, folder: str, samples, config: SFTConfig) -> tuple[
     """Mean negative log-likelihood of the target tokens given audio + prompt."""
     from audio_rft.rollout import completion_logprobs, encode_prompts, load_waveforms
 
-    batch = encode_prompts(processor, samples, load_waveforms(folder, samples), config.prompt_mode).to(core.device)
-    ids, mask = (t.to(core.device) for t in target_batch(processor, samples, config.prompt_mode, config.max_target_tokens))
+    modes = sample_modes(samples, config.prompt_mode)
+    batch = encode_prompts(processor, samples, load_waveforms(folder, samples), modes).to(core.device)
+    ids, mask = (t.to(core.device) for t in target_batch(processor, samples, modes, config.max_target_tokens))
     logprobs = completion_logprobs(core, batch, ids, 1, shared_prefix=not config.gradient_checkpointing)
     tokens = int(mask.sum())
     return -(logprobs * mask).sum() / tokens, tokens
@@ -63,14 +77,15 @@ def train_sft(config: SFTConfig, fresh: bool = False) -> Path:
     from audio_rft.model import core_model
     from audio_rft.prompts import check_mode
 
-    check_mode(config.prompt_mode)
+    if config.prompt_mode != "mixed":
+        check_mode(config.prompt_mode)
     if not (config.model and config.data and config.out):
         raise UserError("sft needs model, data and out (e.g. `audio-rft sft model=M data=D out=O`)")
     out = Path(config.out)
     accelerator = make_accelerator(config)
     main = accelerator.is_main_process
     samples = [s for s in load_dataset(config.data) if s.answer is not None]
-    if config.prompt_mode == "think" and not all(s.reasoning for s in samples):
+    if config.prompt_mode in ("think", "mixed") and not all(s.reasoning for s in samples):
         missing = next(s.id for s in samples if not s.reasoning)
         raise UserError(f"{config.data}: sample {missing!r} has no 'reasoning', which think-mode SFT targets need")
     seed_everything(config.seed)
