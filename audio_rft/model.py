@@ -101,9 +101,9 @@ def _corpus_from_datasets(folders: Iterable[str | Path]) -> list[str]:
     return texts
 
 
-def build_tiny_preset(preset: str, out: str | Path, corpus_datasets: Iterable[str | Path] = (), seed: int = 0) -> Path:
-    """Build a randomly initialised Qwen2-Audio of preset shape plus its processor, saved with save_pretrained."""
-    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor, WhisperFeatureExtractor
+def build_processor(preset: str, corpus_datasets: Iterable[str | Path] = ()):
+    """The preset's processor alone (tokenizer, feature extractor, chat template): cheap, no weights."""
+    from transformers import Qwen2AudioProcessor, WhisperFeatureExtractor
 
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -112,7 +112,18 @@ def build_tiny_preset(preset: str, out: str | Path, corpus_datasets: Iterable[st
     tokenizer = build_tokenizer(corpus, p["tokenizer_vocab"])
     feature_extractor = WhisperFeatureExtractor(feature_size=p["mel_bins"], sampling_rate=16_000, hop_length=160,
                                                 chunk_length=p["window_seconds"], n_fft=400)
-    processor = Qwen2AudioProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    return Qwen2AudioProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+
+
+def build_tiny_preset(preset: str, out: str | Path, corpus_datasets: Iterable[str | Path] = (), seed: int = 0) -> Path:
+    """Build a randomly initialised Qwen2-Audio of preset shape plus its processor, saved with save_pretrained."""
+    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
+
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    processor = build_processor(preset, corpus_datasets)
+    tokenizer = processor.tokenizer
     vocab_size = p["vocab_size"] or (len(tokenizer) + 63) // 64 * 64
     im_end, pad = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
     config = Qwen2AudioConfig(

@@ -78,14 +78,17 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, ref_log
 
     Shapes: logprobs/old/ref/mask (N, T); advantages (N,). Returns the loss and logged statistics.
     """
+    valid = mask.bool()
     mask = mask.to(logprobs.dtype)
     old = logprobs.detach() if old_logprobs is None else old_logprobs
-    ratio = torch.exp(logprobs - old)
+    # Masked positions are zeroed before exp(): an overflow there would otherwise turn into NaN (inf * 0)
+    # in the loss and its gradient.
+    ratio = torch.exp((logprobs - old).masked_fill(~valid, 0.0))
     adv = advantages[:, None]
     per_token = -torch.min(ratio * adv, ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * adv)
     kl = torch.zeros_like(logprobs)
     if beta and ref_logprobs is not None:
-        delta = ref_logprobs - logprobs
+        delta = (ref_logprobs - logprobs).masked_fill(~valid, 0.0)
         kl = torch.exp(delta) - delta - 1
         per_token = per_token + beta * kl
     lengths = mask.sum(1).clamp(min=1)
@@ -220,7 +223,10 @@ def train_grpo(config: GRPOConfig, fresh: bool = False) -> Path:
                     logged += [{"step": step + 1, "id": s.id, "answer": s.answer, "completion": t, "reward": float(r)}
                                for s, t, r in zip(group_samples, texts, reward)]
 
-            # 2. μ policy updates on this rollout batch.
+            # 2. μ policy updates on this rollout batch. Every process steps when any has rollouts (gradients
+            # are averaged over all), so replicas never drift apart when one skipped all its groups.
+            any_rollouts = bool(rollouts) if accelerator.num_processes == 1 else float(accelerator.reduce(
+                torch.tensor(float(len(rollouts)), device=accelerator.device), "sum")) > 0
             core.train()
             for _ in range(config.num_iterations):
                 clock = time.perf_counter()
@@ -237,8 +243,8 @@ def train_grpo(config: GRPOConfig, fresh: bool = False) -> Path:
                 timing["policy"] += time.perf_counter() - clock
                 clock = time.perf_counter()
                 sync_gradients(accelerator, params)
-                norm = grad_norm_and_clip(params, config.max_grad_norm) if rollouts else torch.tensor(0.0)
-                if guard.check(loss_total, norm, checkpoint) and rollouts:
+                norm = grad_norm_and_clip(params, config.max_grad_norm) if any_rollouts else torch.tensor(0.0)
+                if guard.check(loss_total, norm, checkpoint) and any_rollouts:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
@@ -246,13 +252,17 @@ def train_grpo(config: GRPOConfig, fresh: bool = False) -> Path:
         except torch.cuda.OutOfMemoryError:
             raise UserError(oom_advice("GRPO")) from None
 
-        reward = torch.cat(totals)
+        # Every process's rollouts, not only the main one's (gather is the identity for one process).
+        gather = lambda t: accelerator.gather(t.to(accelerator.device)).cpu()  # noqa: E731
+        reward = gather(torch.cat(totals))
+        stats_total = {k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean"))
+                       for k, v in stats_total.items()}
         metrics = {
             "step": step + 1, "loss": float(accelerator.reduce(loss_total.to(accelerator.device), "mean")),
             "reward": float(reward.mean()), "reward_std": float(reward.view(-1, G).std(1).mean()),
-            **{f"rewards/{name}": float(torch.cat([p[name] for p in reward_parts]).mean()) for name in reward_fns},
+            **{f"rewards/{name}": float(gather(torch.cat([p[name] for p in reward_parts])).mean()) for name in reward_fns},
             "kl": stats_total["kl"], "clip_ratio": stats_total["clip_ratio"],
-            "completion_length": float(torch.cat(lengths).mean()),
+            "completion_length": float(gather(torch.cat(lengths)).mean()),
             "frac_reward_zero_std": float((reward.view(-1, G).std(1) == 0).float().mean()),
             "grad_norm": float(norm), "lr": scheduler.get_last_lr()[0], "step_seconds": time.perf_counter() - step_began,
             **{f"time/{k}": v for k, v in timing.items()},

@@ -1,0 +1,378 @@
+"""GRPO: the loss against hand-computed values, advantages, the reference pass, and train_grpo end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from audio_rft.model import add_lora, core_model
+from audio_rft.rollout import completion_logprobs
+from audio_rft.train.common import COMPLETE, STATE_DIR, is_complete, parse_train_args
+from audio_rft.train.grpo import GRPOConfig, group_advantages, grpo_loss, train_grpo
+from helpers import (  # noqa: F401 (fixtures)
+    one_thread,
+    PLUGIN, ROOT, adapter_weights, assert_same_weights, load_tiny, perturb_lora, plugin_dir, prompt_batch, read_metrics,
+    run_cli, samples_of, synth_data, tiny_model, with_plugin, without_timing,
+)
+
+# ---------------------------------------------------------------- the loss, by hand
+
+
+def one_token(ratios, advantages, **kwargs):
+    """grpo_loss on N one-token completions with given ratios π/π_old; returns loss, stats, d loss / d log π."""
+    logprobs = torch.log(torch.tensor(ratios, dtype=torch.float64)).requires_grad_()
+    old = torch.zeros(len(ratios), 1, dtype=torch.float64)
+    loss, stats = grpo_loss(logprobs[:, None], old, None, torch.tensor(advantages, dtype=torch.float64),
+                            torch.ones(len(ratios), 1), beta=0.0, **kwargs)
+    loss.backward()
+    return loss, stats, logprobs.grad
+
+
+@pytest.mark.parametrize("ratio, advantage, per_token, clipped", [
+    (1.5, +1.0, -1.2, True),  # above 1+ε with A > 0: clipped at 1.2, no gradient
+    (0.5, -1.0, +0.8, True),  # below 1-ε with A < 0: clipped at 0.8, no gradient
+    (1.5, -1.0, +1.5, False),  # above 1+ε with A < 0: the unclipped term is the minimum
+    (0.5, +1.0, -0.5, False),  # below 1-ε with A > 0: unclipped
+    (1.1, +2.0, -2.2, False),  # inside the range
+    (0.9, -2.0, +1.8, False),
+    (1.0, 0.0, 0.0, False),
+])
+def test_clipping_each_side(ratio, advantage, per_token, clipped):
+    loss, stats, grad = one_token([ratio], [advantage])
+    assert float(loss) == pytest.approx(per_token)
+    assert stats["clip_ratio"] == (1.0 if clipped else 0.0)
+    # d(-ρA)/d log π = -ρA where unclipped; 0 where the clipped constant is the minimum
+    assert float(grad[0]) == pytest.approx(0.0 if clipped else -ratio * advantage)
+
+
+def test_asymmetric_clip_range_and_clip_ratio():
+    ratios, advantages = [1.25, 1.35, 0.85, 0.95], [1.0, 1.0, -1.0, -1.0]
+    loss, stats, grad = one_token(ratios, advantages, epsilon_low=0.1, epsilon_high=0.3)
+    # 1.25 < 1.3 unclipped; 1.35 clipped to 1.3; 0.85 < 0.9 clipped to 0.9; 0.95 unclipped
+    expected = [-1.25, -1.3, 0.9, 0.95]
+    assert float(loss) == pytest.approx(sum(expected) / 4)
+    assert stats["clip_ratio"] == pytest.approx(0.5)
+    assert grad.tolist() == pytest.approx([-1.25 / 4, 0.0, 0.0, 0.95 / 4])
+
+
+def test_kl_estimator():
+    logprobs = torch.tensor([[math.log(0.5), math.log(0.2)]])
+    ref = torch.tensor([[math.log(0.25), math.log(0.4)]])
+    loss, stats = grpo_loss(logprobs, None, ref, torch.zeros(1), torch.ones(1, 2), beta=0.1)
+    # k3: exp(ref - logp) - (ref - logp) - 1, always >= 0
+    kl = [0.5 - math.log(0.5) - 1, 2.0 - math.log(2.0) - 1]
+    assert stats["kl"] == pytest.approx(sum(kl) / 2, rel=1e-6)
+    assert float(loss) == pytest.approx(0.1 * sum(kl) / 2, rel=1e-6)
+    same, stats = grpo_loss(logprobs, None, logprobs.clone(), torch.zeros(1), torch.ones(1, 2), beta=0.1)
+    assert float(same) == 0.0 and stats["kl"] == 0.0
+    no_beta, stats = grpo_loss(logprobs, None, ref, torch.zeros(1), torch.ones(1, 2), beta=0.0)
+    assert float(no_beta) == 0.0 and stats["kl"] == 0.0
+
+
+def reference_loss(logprobs, old, ref, advantages, mask, beta, eps_low, eps_high, loss_type, max_len):
+    """The docstring's formulas, in plain Python floats."""
+    N, T = len(logprobs), len(logprobs[0])
+    per = [[0.0] * T for _ in range(N)]
+    for i in range(N):
+        for t in range(T):
+            rho = math.exp(logprobs[i][t] - old[i][t])
+            a = advantages[i]
+            per[i][t] = -min(rho * a, min(max(rho, 1 - eps_low), 1 + eps_high) * a)
+            d = ref[i][t] - logprobs[i][t]
+            per[i][t] += beta * (math.exp(d) - d - 1)
+    masked = [[per[i][t] * mask[i][t] for t in range(T)] for i in range(N)]
+    if loss_type == "sequence":
+        return sum(sum(row) / sum(m) for row, m in zip(masked, mask)) / N
+    if loss_type == "token":
+        return sum(map(sum, masked)) / sum(map(sum, mask))
+    return sum(map(sum, masked)) / (N * max_len)
+
+
+@pytest.mark.parametrize("loss_type", ["sequence", "token", "constant"])
+@pytest.mark.parametrize("beta", [0.0, 0.3])
+def test_aggregation_modes(loss_type, beta):
+    logprobs = [[-0.5, -1.0, -2.0, -0.1], [-0.3, -0.7, -9.0, -9.0], [-1.5, -9.0, -9.0, -9.0]]
+    old = [[-0.6, -0.8, -2.0, -0.4], [-0.1, -0.9, -9.0, -9.0], [-1.2, -9.0, -9.0, -9.0]]
+    ref = [[-0.4, -1.1, -1.0, -0.2], [-0.6, -0.5, -9.0, -9.0], [-2.0, -9.0, -9.0, -9.0]]
+    mask = [[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]]
+    advantages = [1.0, -0.5, 2.0]
+    expected = reference_loss(logprobs, old, ref, advantages, mask, beta, 0.2, 0.28, loss_type, 6)
+    T = torch.tensor
+    loss, _ = grpo_loss(T(logprobs), T(old), T(ref), T(advantages), T(mask), beta=beta, epsilon_low=0.2,
+                        epsilon_high=0.28, loss_type=loss_type, max_completion_length=6)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+
+
+def test_constant_mode_defaults_to_completion_width():
+    loss, _ = grpo_loss(torch.zeros(2, 5), None, None, torch.tensor([1.0, 1.0]),
+                        torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]]), beta=0.0, loss_type="constant")
+    assert float(loss) == pytest.approx(-4 / (2 * 5))
+
+
+def test_unknown_loss_type():
+    with pytest.raises(ValueError, match="unknown loss_type"):
+        grpo_loss(torch.zeros(1, 1), None, None, torch.zeros(1), torch.ones(1, 1), loss_type="mean")
+
+
+@pytest.mark.parametrize("loss_type", ["sequence", "token", "constant"])
+def test_tokens_after_the_first_eos_are_masked(loss_type):
+    """Whatever sits after the mask (even values whose exp overflows) changes neither loss nor gradient."""
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
+    base = torch.tensor([[-0.5, -1.0, -2.0, -3.0], [-0.2, -0.4, -0.6, -0.8]])
+    ref = torch.tensor([[-0.4, -0.9, -1.0, -1.0], [-0.3, -0.5, -0.5, -0.5]])
+    garbage = torch.where(mask.bool(), base, torch.tensor(-1e4))
+    results = []
+    for logprobs in (base, garbage):
+        logprobs = logprobs.clone().requires_grad_()
+        old = logprobs.detach() + torch.where(mask.bool(), 0.05, 500.0)
+        loss, stats = grpo_loss(logprobs, old, ref, torch.tensor([1.0, -1.0]), mask, beta=0.04, loss_type=loss_type)
+        loss.backward()
+        results.append((loss.detach(), logprobs.grad, stats))
+    (loss_a, grad_a, stats_a), (loss_b, grad_b, stats_b) = results
+    assert torch.isfinite(loss_b) and torch.isfinite(grad_b).all()
+    torch.testing.assert_close(loss_a, loss_b)
+    torch.testing.assert_close(grad_a, grad_b)
+    assert (grad_a[~mask.bool()] == 0).all()
+    assert stats_a == pytest.approx(stats_b)
+
+
+# ---------------------------------------------------------------- advantages and the policy gradient
+
+
+def test_group_advantages():
+    rewards = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 2.0, 0.0, 0.0, 0.0])
+    scaled = group_advantages(rewards, 4)
+    assert scaled[:4].tolist() == [0.0] * 4  # equal rewards: no signal
+    std = math.sqrt(1 / 3)  # unbiased std of (0, 1, 0, 1)
+    assert scaled[4:8].tolist() == pytest.approx([-0.5 / (std + 1e-4), 0.5 / (std + 1e-4)] * 2)
+    assert scaled[8:].tolist() == pytest.approx([1.5 / (1.0 + 1e-4)] + [-0.5 / (1.0 + 1e-4)] * 3)
+    plain = group_advantages(rewards, 4, scale=False)  # Dr. GRPO
+    assert plain.tolist() == pytest.approx([0, 0, 0, 0, -0.5, 0.5, -0.5, 0.5, 1.5, -0.5, -0.5, -0.5])
+
+
+@pytest.mark.parametrize("loss_type", ["sequence", "token", "constant"])
+def test_equal_reward_group_gives_no_policy_gradient(loss_type):
+    rewards = torch.tensor([0.5, 0.5, 0.5, 1.0, 0.0, 0.0])
+    advantages = group_advantages(rewards, 3)
+    logprobs = torch.randn(6, 4, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    mask = torch.ones(6, 4)
+    loss, _ = grpo_loss(logprobs, None, None, advantages, mask, beta=0.0, loss_type=loss_type)
+    loss.backward()
+    assert (logprobs.grad[:3] == 0).all()
+    assert (logprobs.grad[3:].abs() > 0).all()
+
+
+@pytest.mark.parametrize("loss_type", ["sequence", "token"])
+def test_beta0_mu1_gradient_is_the_plain_policy_gradient(loss_type):
+    """With β = 0 and μ = 1 (ρ ≡ 1), ∇L = -(1/N) Σ_i A_i (1/|o_i|) Σ_t ∇log π(o_it) (token: one normaliser)."""
+    g = torch.Generator().manual_seed(0)
+    N, T, vocab, width = 6, 5, 7, 3
+    features = torch.randn(N, T, width, generator=g)
+    tokens = torch.randint(0, vocab, (N, T), generator=g)
+    mask = (torch.arange(T)[None, :] < torch.tensor([5, 3, 1, 4, 2, 5])[:, None]).float()
+    advantages = group_advantages(torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0, 1.0]), 3)
+    policy = torch.nn.Linear(width, vocab)
+
+    def logprobs():
+        return policy(features).log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
+
+    loss, _ = grpo_loss(logprobs(), None, None, advantages, mask, beta=0.0, loss_type=loss_type)
+    grads = torch.autograd.grad(loss, list(policy.parameters()))
+    lp = logprobs()
+    if loss_type == "sequence":
+        estimator = -(advantages * (lp * mask).sum(1) / mask.sum(1)).mean()
+    else:
+        estimator = -(advantages[:, None] * lp * mask).sum() / mask.sum()
+    expected = torch.autograd.grad(estimator, list(policy.parameters()))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    if loss_type == "sequence":
+        assert float(loss) == pytest.approx(0.0, abs=1e-6)  # advantages sum to zero per group and ρ ≡ 1
+
+
+def test_reference_pass_with_adapter_disabled_is_the_base_model(tiny_model, synth_data):
+    processor, base = load_tiny(tiny_model)
+    folder = synth_data / "train"
+    batch = prompt_batch(processor, folder, samples_of(folder, ids=[3, 4]))
+    completions = torch.randint(10, 300, (4, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = completion_logprobs(base, batch, completions, 2)
+    _, model = load_tiny(tiny_model)
+    model = add_lora(model, rank=4, train_projector=True)
+    perturb_lora(model, seed=2, scale=0.3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "modules_to_save" in name:
+                param.add_(0.2)
+    model.eval()
+    core = core_model(model)
+    with torch.no_grad():
+        policy = completion_logprobs(core, batch, completions, 2)
+        with model.disable_adapter():
+            reference = completion_logprobs(core, batch, completions, 2)
+        again = completion_logprobs(core, batch, completions, 2)
+    assert (policy - expected).abs().max() > 1e-2  # the adapter matters
+    torch.testing.assert_close(reference, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(again, policy)  # and comes back afterwards
+
+
+# ---------------------------------------------------------------- train_grpo end to end
+
+METRIC_KEYS = {"step", "loss", "reward", "reward_std", "rewards/accuracy", "rewards/format", "kl", "clip_ratio",
+               "completion_length", "lr", "step_seconds", "grad_norm", "frac_reward_zero_std"}
+
+
+def grpo_config(tiny_model, synth_data, out, **overrides) -> GRPOConfig:
+    values = dict(model=str(tiny_model), data=str(synth_data / "train"), out=str(out), max_steps=3, batch_size=2,
+                  grad_accum=1, num_generations=4, max_completion_length=6, save_every=1, report_to=[], device="cpu",
+                  lr=5e-3, temperature=1.0, rewards=["accuracy", "format", PLUGIN], beta=0.04, num_iterations=2,
+                  log_completions_every=1, seed=0)
+    values.update(overrides)
+    return GRPOConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def grpo_runs(tiny_model, synth_data, plugin_dir, tmp_path_factory):
+    """Three steps in one go, and the same run stopped after two then continued to three."""
+    import sys
+
+    sys.path.insert(0, str(plugin_dir))
+    try:
+        root = tmp_path_factory.mktemp("grpo")
+        whole = train_grpo(grpo_config(tiny_model, synth_data, root / "whole"))
+        train_grpo(grpo_config(tiny_model, synth_data, root / "split", max_steps=2))
+        stopped = {"metrics": read_metrics(root / "split"), "final": adapter_weights(root / "split" / "final")}
+        split = train_grpo(grpo_config(tiny_model, synth_data, root / "split", max_steps=3))
+    finally:
+        sys.path.remove(str(plugin_dir))
+    return whole, split, stopped
+
+
+def test_train_grpo_writes_metrics_checkpoints_and_final(grpo_runs):
+    whole, _, _ = grpo_runs
+    out = whole.parent
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    for record in metrics:
+        assert METRIC_KEYS | {f"rewards/{PLUGIN}"} <= set(record)
+        assert all(math.isfinite(record[k]) for k in METRIC_KEYS)
+        assert 1 <= record["completion_length"] <= 6 and 0 <= record["clip_ratio"] <= 1 and record["kl"] >= 0
+        assert record["lr"] == pytest.approx(5e-3)
+    assert any(m["reward_std"] > 0 for m in metrics)  # the plugin makes groups unequal: real updates
+    assert metrics[-1]["kl"] > 0  # the policy moved away from the reference
+    checkpoint = out / "checkpoint-2"
+    assert is_complete(checkpoint)
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "processor_config.json",
+                 "chat_template.jinja", "README.md", COMPLETE, f"{STATE_DIR}/optimizer.pt", f"{STATE_DIR}/scheduler.pt",
+                 f"{STATE_DIR}/rng.pt", f"{STATE_DIR}/state.json"):
+        assert (checkpoint / name).is_file(), name
+    assert json.loads((checkpoint / STATE_DIR / "state.json").read_text())["step"] == 2
+    assert is_complete(whole) and not (whole / STATE_DIR).exists()
+    card = (whole / "README.md").read_text()
+    assert "library_name: peft" in card and f"base_model: {json.loads((out / 'run.json').read_text())['config']['model']}" in card
+    assert "step 3" in card
+    completions = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert len(completions) == 3 * 2 * 4 and {"step", "id", "answer", "completion", "reward"} <= set(completions[0])
+
+
+def test_saved_grpo_adapter_loads_in_plain_peft(grpo_runs, tiny_model):
+    from peft import PeftModel
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    whole, _, _ = grpo_runs
+    model = PeftModel.from_pretrained(Qwen2AudioForConditionalGeneration.from_pretrained(str(tiny_model)), str(whole))
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters())
+
+
+def test_grpo_resume_gives_identical_weights_and_metrics(grpo_runs):
+    whole, split, stopped = grpo_runs
+    assert_same_weights(adapter_weights(whole), adapter_weights(split), atol=1e-6)
+    assert [without_timing(m) for m in read_metrics(whole.parent)] == [without_timing(m) for m in read_metrics(split.parent)]
+    # the two-step run really stopped at two, and its metrics are the first two lines of the whole run
+    assert [without_timing(m) for m in stopped["metrics"]] == [without_timing(m) for m in read_metrics(whole.parent)][:2]
+    assert any(not torch.equal(stopped["final"][k], adapter_weights(whole)[k]) for k in stopped["final"])
+
+
+def test_grpo_resumes_after_a_crash_mid_run(tiny_model, synth_data, with_plugin, tmp_path, monkeypatch, grpo_runs):
+    """A run killed during step 3 (after checkpoint-2) continues from checkpoint-2 to the same weights."""
+    import audio_rft.train.grpo as grpo
+
+    whole, _, _ = grpo_runs
+    calls = {"n": 0}
+    real = grpo.score_completions
+
+    def crash_on_third_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(grpo, "score_completions", crash_on_third_step)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_grpo(grpo_config(tiny_model, synth_data, tmp_path / "run"))
+    assert not (tmp_path / "run" / "final").exists() and (tmp_path / "run" / "checkpoint-2").is_dir()
+    monkeypatch.setattr(grpo, "score_completions", real)
+    final = train_grpo(grpo_config(tiny_model, synth_data, tmp_path / "run"))
+    assert_same_weights(adapter_weights(whole), adapter_weights(final), atol=1e-6)
+    assert [without_timing(m) for m in read_metrics(whole.parent)] == [without_timing(m) for m in read_metrics(final.parent)]
+
+
+def test_two_processes_match_one_on_the_same_global_batch(tiny_model, synth_data, plugin_dir, tmp_path):
+    """`accelerate launch` with 2 processes and 1 prompt each = 1 process with 2 prompts."""
+    if shutil.which("accelerate") is None:
+        pytest.skip("accelerate launcher not installed")
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU (gloo) path; --multi_gpu would put both processes on GPUs")
+    # Start from a perturbed adapter so the first step's loss (β·KL) and gradient are far from zero.
+    processor, model = load_tiny(tiny_model)
+    model = add_lora(model, rank=4, dropout=0.0)
+    perturb_lora(model, seed=5, scale=0.1)
+    model.save_pretrained(tmp_path / "start")
+    common = [f"model={tiny_model}", f"data={synth_data / 'train'}", f"adapter={tmp_path / 'start'}", "max_steps=1",
+              "grad_accum=1", "num_generations=4", "max_completion_length=6", "save_every=0", "report_to=[]",
+              "device=cpu", "threads=1", "loss_type=sequence", "lora_dropout=0", "beta=0.04", "lr=1e-3",
+              f"rewards=accuracy,format,{PLUGIN}", "log_completions_every=0"]
+    env = {"PYTHONPATH": f"{plugin_dir}:{ROOT}"}
+    with pytest.MonkeyPatch.context() as patch:  # one process: in this one (same code path as the CLI)
+        patch.syspath_prepend(str(plugin_dir))
+        config, _ = parse_train_args(GRPOConfig, [*common, "batch_size=2", f"out={tmp_path / 'one'}", "threads=0"], "grpo")
+        train_grpo(config)
+    # Not `accelerate launch --cpu --num_processes 2`: with --cpu (or a MULTI_CPU config) accelerate's simple
+    # launcher starts ONE process unless it is given an mpirun hostfile. --multi_gpu uses torch.distributed.run,
+    # which starts both; on a machine without CUDA each process then runs on the CPU with the gloo backend.
+    two = run_cli(["grpo", *common, "batch_size=1", f"out={tmp_path / 'two'}"], env=env, timeout=300,
+                  launcher=["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stderr.count("trainable (LoRA)") == 2  # both processes set up a model
+    (a,), (b,) = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert a["loss"] > 1e-4  # a real number to compare, not a zero
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    for key in ("reward", "reward_std", f"rewards/{PLUGIN}", "completion_length", "kl", "grad_norm"):
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
+    # float sums differ in order across processes; Adam's first step (≈ lr·sign(g)) amplifies that near g = 0
+    assert_same_weights(adapter_weights(tmp_path / "one" / "final"), adapter_weights(tmp_path / "two" / "final"), atol=2e-5)
+
+
+# ---------------------------------------------------------------- learning (measured, slow)
+
+
+@pytest.mark.slow
+def test_grpo_raises_accuracy_from_a_warmed_up_base(tiny_model, synth_data, tmp_path):
+    from audio_rft.train.sft import SFTConfig, train_sft
+
+    warm = train_sft(SFTConfig(model=str(tiny_model), data=str(synth_data / "train"), out=str(tmp_path / "warm"),
+                               max_steps=40, batch_size=16, lr=3e-3, save_every=0, report_to=[], device="cpu"))
+    steps = 40
+    train_grpo(grpo_config(tiny_model, synth_data, tmp_path / "grpo", adapter=str(warm), max_steps=steps,
+                           batch_size=8, num_generations=8, max_completion_length=8, temperature=0.7, beta=0.0,
+                           num_iterations=1, loss_type="token", lr=3e-3, save_every=0, rewards=["accuracy", "format"],
+                           log_completions_every=0))
+    accuracy = [m["rewards/accuracy"] for m in read_metrics(tmp_path / "grpo")]
+    fifth = steps // 5
+    first, last = sum(accuracy[:fifth]) / fifth, sum(accuracy[-fifth:]) / fifth
+    assert last > first + 0.1, (first, last, accuracy)
