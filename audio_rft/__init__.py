@@ -3,5 +3,5 @@
 __version__ = "0.1.0"
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """A mistake in the user's input or config: printed as one line, exit status 2, no traceback."""

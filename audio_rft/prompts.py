@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from audio_rft import UserError
 from audio_rft.data.schema import Sample
 
 PROMPT_MODES = ("direct", "answer", "think")
@@ -15,7 +16,7 @@ _INSTRUCTIONS = {
 
 def check_mode(mode: str) -> str:
     if mode not in PROMPT_MODES:
-        raise ValueError(f"unknown prompt mode {mode!r}; choose one of {', '.join(PROMPT_MODES)}")
+        raise UserError(f"unknown prompt mode {mode!r}; choose one of {', '.join(PROMPT_MODES)}")
     return mode
 
 

@@ -326,7 +326,7 @@ def render_markdown(report: dict) -> str:
         md += ["**Variants were not scored on the same items**: compare the paired tests (common items only), not the raw table.", ""]
     md += ["## Accuracy (%), laid out as the paper's Table 1", ""]
     md += _table(["variant", "prompt", "checkpoint", *cols, "n", "balanced acc", "format %", "mean length"],
-                 [[label(v), v["prompt"] or "—", v["checkpoint"] or "—", *(_acc_ci(v["accuracy"][c], v["ci95"][c]) for c in cols),
+                 [[label(v), v["prompt"] or "—", v.get("checkpoint") or "—", *(_acc_ci(v["accuracy"][c], v["ci95"][c]) for c in cols),
                    v["n"], _fmt(v["balanced_accuracy"]), _fmt(v["format_rate"]),
                    f"{_fmt(v['mean_completion_length'], 1)} {v['length_unit'] or ''}".strip()] for v in variants])
     if any(v["unscored"] for v in variants):
@@ -389,7 +389,7 @@ def render_csv(report: dict) -> str:
     for v in report["variants"]:
         for c in report["columns"]:
             ci = v["ci95"][c] or [None, None]
-            writer.writerow(["ours", v["name"], v["prompt"], v["checkpoint"], c, v["accuracy"][c], *ci, v["counts"][c],
+            writer.writerow(["ours", v["name"], v["prompt"], v.get("checkpoint"), c, v["accuracy"][c], *ci, v["counts"][c],
                              v["balanced_accuracy"] if c == "average" else None, v["format_rate"], v["mean_completion_length"], v["control"]])
     for r in report["paper_table"]:
         for c in ("sound", "music", "speech", "average"):
