@@ -26,6 +26,14 @@ def option(default: Any, help: str, **kwargs: Any) -> Any:
     return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
 
 
+def _yaml_value(text: str, key: str) -> Any:
+    """An override's list or mapping, read as YAML (safely); a bad one is a one-line error."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"config key {key!r}: invalid YAML value {text!r} ({getattr(e, 'problem', None) or e})") from None
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Turn a YAML value or an override string into the field's declared type."""
     origin = typing.get_origin(annotation)
@@ -46,14 +54,14 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return value
     if origin in (list, tuple):
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            value = _yaml_value(value, key) if value.strip().startswith("[") else [v for v in value.split(",") if v]
         if not isinstance(value, (list, tuple)):
             raise UserError(f"config key {key!r}: expected a list, got {value!r}")
         item_type = args[0] if args else Any
         return [_coerce(v, item_type, key) for v in value]
     if origin is dict:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _yaml_value(value, key)
         if not isinstance(value, dict):
             raise UserError(f"config key {key!r}: expected a mapping, got {value!r}")
         return dict(value)

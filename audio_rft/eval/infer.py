@@ -103,11 +103,14 @@ def run_inference(config: InferConfig) -> Path:
             "config": config_to_dict(config)}
     done: dict[int, tuple[str, int]] = {}
     if partial.exists():
-        for line in partial.read_text(encoding="utf-8").splitlines():
+        data, whole = partial.read_bytes(), 0  # whole: bytes of the whole lines read
+        # split at "\n" only (an output may hold U+2028); what follows the last "\n" is empty or cut
+        for line in data.split(b"\n")[:-1]:
             try:
                 entry = json.loads(line)
-            except json.JSONDecodeError:
+            except ValueError:
                 break  # a line cut by the crash: redo from there
+            whole += len(line) + 1
             if entry.get("meta") is not None:
                 if entry["meta"] != meta:
                     partial.unlink()  # predictions from another config: start over
@@ -115,6 +118,11 @@ def run_inference(config: InferConfig) -> Path:
                     break
                 continue
             done[entry["index"]] = (entry["output"], entry["tokens"])
+        if partial.exists() and whole == 0:
+            partial.unlink()  # not even the meta line is whole
+        elif partial.exists() and whole < len(data):
+            with open(partial, "r+b") as f:  # drop the cut line, so new lines never follow it
+                f.truncate(whole)
     if not partial.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         partial.write_text(json.dumps({"meta": meta}) + "\n", encoding="utf-8")

@@ -270,10 +270,12 @@ class MetricsLog:
 
     def __init__(self, out: Path, resume_step: int, config: TrainConfig):
         self.path = out / "metrics.jsonl"
-        if self.path.exists():  # drop lines past the checkpoint we resume from: they will be redone
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and _step_of(line) is not None and _step_of(line) <= resume_step]
-            atomic_write_text_lines(self.path, keep)
+        for path in (self.path, out / "completions.jsonl"):  # drop lines past the checkpoint we resume from:
+            if path.exists():                                 # they will be redone (and logged again)
+                # split at "\n" only: splitlines() would also cut a completion at U+2028 or U+0085
+                keep = [line for line in path.read_text(encoding="utf-8").split("\n")
+                        if line.strip() and _step_of(line) is not None and _step_of(line) <= resume_step]
+                atomic_write_text_lines(path, keep)
         self.writers = []
         if "tensorboard" in config.report_to:
             try:
