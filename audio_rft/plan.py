@@ -1,0 +1,455 @@
+"""`audio-rft plan`: estimate per-GPU memory of one GRPO or SFT step before renting the GPU.
+
+The estimate adds up what our own loop holds (audio_rft.train.grpo / sft, audio_rft.rollout), term by
+term, so each line of the table can be checked against the code:
+
+- weights in the model dtype (+ LoRA adapters, which PEFT keeps in fp32) and, for full fine-tuning with
+  β > 0, the frozen reference copy (LoRA needs none: the adapter is disabled instead);
+- gradients of the trainable parameters; AdamW's two states in fp32, plus an fp32 master copy when full
+  fine-tuning runs in bf16 (the mixed-precision convention; see docs/performance.md for what plain
+  torch AdamW on bf16 weights does instead);
+- training activations: without gradient checkpointing our loop prefills the prompt once and repeats its
+  KV cache G times (shared prefix: P + G·L tokens of activations, plus the G copies of the prompt's K/V
+  kept for backward); with checkpointing it cannot keep caches, so it repeats the prompt G times and
+  stores only each layer's input (G·(P + L) tokens) plus one layer's recomputation;
+- logits (fp32) at completion positions only;
+- the rollout: a KV cache for B·G sequences of P + L tokens (rollout.prefill repeats the prompt cache G
+  times with batch_repeat_interleave, so it is G real copies);
+- the reference pass (no gradients): its cache and one chunk of logits.
+
+The peak is the static part (weights, reference copy, optimizer state) plus the largest phase (rollout,
+reference pass, or the training pass with its gradients). `audio-rft bench plan-check` compares the
+formulas with measured peaks of a real step on CPU; docs/performance.md records that comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from audio_rft import UserError
+
+GIB = 2**30
+CUDA_CONTEXT_BYTES = 1 * GIB  # CUDA context + kernels: outside torch's allocator, on every GPU process
+HEADROOM = 0.10  # fragmentation / allocator slack we want left over before calling it a fit
+LOGPROB_CHUNK = 4096  # rollout.token_logprobs' chunk size
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# Qwen2-Audio-7B(-Instruct): config.json of the hub repos (no download needed to plan).
+QWEN2_AUDIO_7B = {
+    "audio": {"mels": 128, "d_model": 1280, "layers": 32, "heads": 20, "ffn": 5120, "max_source_positions": 1500},
+    "text": {"hidden": 4096, "layers": 32, "heads": 32, "kv_heads": 32, "head_dim": 128, "intermediate": 11008,
+             "vocab": 156032, "tied": False},
+}
+KNOWN_MODELS = {"Qwen/Qwen2-Audio-7B-Instruct": QWEN2_AUDIO_7B, "Qwen/Qwen2-Audio-7B": QWEN2_AUDIO_7B}
+DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4}
+
+
+# ---------------------------------------------------------------- shapes and parameter counts
+
+
+def architecture_ties_embeddings() -> bool:
+    """Whether the installed transformers' Qwen2AudioForConditionalGeneration can tie lm_head to the embeddings.
+
+    transformers 5.x declares no tied weights for it, so a config's tie_word_embeddings is ignored there and
+    the model carries a separate lm_head (the plan counts what the model will really hold)."""
+    try:
+        from transformers import Qwen2AudioForConditionalGeneration
+    except ImportError:
+        return True
+    return bool(getattr(Qwen2AudioForConditionalGeneration, "_tied_weights_keys", None))
+
+
+def shapes_from_config(config: dict) -> dict:
+    """Shapes from a Qwen2-Audio config.json (a dict)."""
+    a, t = config.get("audio_config", {}), config.get("text_config", {})
+    try:
+        heads = t["num_attention_heads"]
+        return {
+            "audio": {"mels": a.get("num_mel_bins", 128), "d_model": a["d_model"], "layers": a["encoder_layers"],
+                      "heads": a["encoder_attention_heads"], "ffn": a["encoder_ffn_dim"],
+                      "max_source_positions": a.get("max_source_positions", 1500)},
+            "text": {"hidden": t["hidden_size"], "layers": t["num_hidden_layers"], "heads": heads,
+                     "kv_heads": t.get("num_key_value_heads") or heads,
+                     "head_dim": t.get("head_dim") or t["hidden_size"] // heads, "intermediate": t["intermediate_size"],
+                     "vocab": t["vocab_size"],
+                     "tied": bool(t.get("tie_word_embeddings", config.get("tie_word_embeddings", False)))
+                     and architecture_ties_embeddings()},
+        }
+    except KeyError as e:
+        raise UserError(f"config.json lacks {e.args[0]!r}: not a Qwen2-Audio config") from None
+
+
+def shapes_for_model(model: str) -> dict:
+    """A local folder's config.json, else the known shapes of a Qwen2-Audio-7B hub id."""
+    path = Path(model) / "config.json"
+    if path.is_file():
+        shapes = shapes_from_config(json.loads(path.read_text()))
+        shapes["source"] = str(path)
+        return shapes
+    if model in KNOWN_MODELS:
+        shapes = json.loads(json.dumps(KNOWN_MODELS[model]))
+        shapes["source"] = f"known shapes of {model}"
+        return shapes
+    raise UserError(f"model {model!r}: no local config.json and not one of the known hub ids "
+                    f"({', '.join(KNOWN_MODELS)}); pass a local model folder")
+
+
+def shapes_for_preset(preset: str) -> dict:
+    """Shapes of an offline preset (audio_rft.model.PRESETS) without building it; the tokenizer's vocabulary
+    is approximated by its target size when the preset does not fix the model's vocabulary."""
+    from audio_rft.model import PRESETS
+
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}")
+    p = PRESETS[preset]
+    return {
+        "audio": {"mels": p["mel_bins"], "d_model": p["audio_width"], "layers": p["audio_layers"], "heads": p["audio_heads"],
+                  "ffn": 4 * p["audio_width"], "max_source_positions": 50 * p["window_seconds"]},
+        "text": {"hidden": p["text_width"], "layers": p["text_layers"], "heads": p["text_heads"], "kv_heads": p["kv_heads"],
+                 "head_dim": p["head_dim"], "intermediate": 4 * p["text_width"],
+                 "vocab": p["vocab_size"] or (p["tokenizer_vocab"] + 63) // 64 * 64,
+                 "tied": p["tie_embeddings"] and architecture_ties_embeddings()},
+        "source": f"the {preset} preset's shapes",
+    }
+
+
+def lm_layer_params(t: dict) -> int:
+    """One Qwen2 decoder layer: q/k/v (with bias), o, gate/up/down, two RMSNorms."""
+    h, q, kv, inter = t["hidden"], t["heads"] * t["head_dim"], t["kv_heads"] * t["head_dim"], t["intermediate"]
+    return h * q + q + 2 * (h * kv + kv) + q * h + 3 * h * inter + 2 * h
+
+
+def parameter_counts(shapes: dict) -> dict[str, int]:
+    """Exact parameter counts of Qwen2AudioForConditionalGeneration with these shapes."""
+    a, t = shapes["audio"], shapes["text"]
+    d, ffn = a["d_model"], a["ffn"]
+    audio = (a["mels"] * d * 3 + d) + (d * d * 3 + d) + a["max_source_positions"] * d \
+        + a["layers"] * (4 * d * d + 2 * d * ffn + 8 * d + ffn) + 2 * d
+    projector = d * t["hidden"] + t["hidden"]
+    embed = t["vocab"] * t["hidden"]
+    head = 0 if t["tied"] else t["vocab"] * t["hidden"]
+    layers = t["layers"] * lm_layer_params(t)
+    language = embed + layers + t["hidden"] + head
+    return {"audio_tower": audio, "projector": projector, "language_model": language, "embeddings": embed,
+            "lm_head": head, "total": audio + projector + language}
+
+
+def lora_parameters(t: dict, rank: int, targets: list[str] | None = None) -> int:
+    h, q, kv, inter = t["hidden"], t["heads"] * t["head_dim"], t["kv_heads"] * t["head_dim"], t["intermediate"]
+    shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+              "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+    chosen = _lora_modules(targets)
+    return t["layers"] * sum(rank * (i + o) for name, (i, o) in shapes.items() if name in chosen)
+
+
+def _lora_modules(targets: list[str] | None) -> set[str]:
+    if not targets:
+        return set(LORA_TARGETS)
+    text = " ".join(targets)
+    return {name for name in LORA_TARGETS if name in text} or set(LORA_TARGETS)
+
+
+# ---------------------------------------------------------------- the estimate
+
+
+@dataclass
+class Layout:
+    """What one step processes on one device."""
+
+    prompts: int  # B
+    generations: int  # G (1 for SFT)
+    prompt_tokens: int  # P
+    completion_tokens: int  # L (SFT: target tokens)
+
+
+def _activation_elements_per_token_layer(t: dict, lora: bool, lora_dropout: float, lora_rank: int,
+                                         modules: set[str]) -> int:
+    """Elements one decoder layer keeps for backward, per token (flash/SDPA attention: no score matrix)."""
+    h, q, kv, inter = t["hidden"], t["heads"] * t["head_dim"], t["kv_heads"] * t["head_dim"], t["intermediate"]
+    elements = (2 * h  # input RMSNorm: its input and output (the q/k/v input)
+                + q + 2 * kv  # q, k, v projections
+                + q + kv  # rotary outputs of q and k
+                + 2 * q  # attention output and its reshaped copy (o_proj input)
+                + h  # residual
+                + 2 * h  # post-attention RMSNorm input and output
+                + 4 * inter)  # gate, up, act(gate), act(gate)*up
+    if lora:
+        inputs = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": q, "gate_proj": h, "up_proj": h, "down_proj": inter}
+        for name in modules:
+            elements += lora_rank  # lora_A output
+            if lora_dropout > 0:
+                elements += inputs[name]  # PEFT applies dropout to each adapted module's input separately
+    return elements
+
+
+def estimate(kind: str, config, shapes: dict, prompt_tokens: int = 830, device: str = "cuda") -> dict:
+    """Per-device memory terms (bytes) of one `kind` ("grpo" or "sft") step for a GRPOConfig / SFTConfig."""
+    a, t = shapes["audio"], shapes["text"]
+    counts = parameter_counts(shapes)
+    dtype = config.dtype
+    if dtype == "auto":
+        dtype = "fp32" if device == "cpu" else "bf16"
+    if dtype not in DTYPE_BYTES:
+        raise UserError(f"dtype {config.dtype!r}: plan knows bf16, fp16, fp32 and auto")
+    w = DTYPE_BYTES[dtype]
+    grpo = kind == "grpo"
+    B = config.batch_size
+    G = config.num_generations if grpo else 1
+    L = config.max_completion_length if grpo else config.max_target_tokens
+    P = prompt_tokens
+    layers, h, V = t["layers"], t["hidden"], t["vocab"]
+    kv_width = 2 * t["kv_heads"] * t["head_dim"]  # K and V per token per layer
+    modules = _lora_modules(config.lora_targets)
+    lora = config.lora
+    projector = counts["projector"] if config.train_projector else 0
+    terms: dict[str, int] = {}
+    notes: list[str] = []
+
+    # static: weights, reference copy, optimizer state
+    terms["weights"] = counts["total"] * w
+    if lora:
+        adapters = lora_parameters(t, config.lora_rank, config.lora_targets)
+        trainable = adapters + projector
+        terms["lora_adapters"] = adapters * 4  # PEFT keeps adapters in fp32 (autocast_adapter_dtype)
+        grad_bytes = 4
+    else:
+        trainable = counts["language_model"] + projector
+        grad_bytes = w
+    if grpo and config.beta and not lora:
+        terms["reference_model"] = counts["total"] * w
+    terms["optimizer_states"] = trainable * 2 * 4
+    if not lora and w < 4:
+        terms["fp32_master_weights"] = trainable * 4
+    static = sum(terms.values())
+
+    # training pass
+    checkpointing = config.gradient_checkpointing
+    per_layer = _activation_elements_per_token_layer(t, lora, config.lora_dropout, config.lora_rank, modules)
+    attention_probs = device == "cpu"  # CPU attention with masks falls back to the math kernel, which keeps them
+    heads = t["heads"]
+    train: dict[str, int] = {}
+    train["gradients"] = trainable * grad_bytes
+    if checkpointing:
+        tokens = B * G * (P + L)  # no cache under checkpointing: the prompt is repeated G times
+        train["activations"] = tokens * h * w * layers + tokens * per_layer * w
+        if attention_probs:
+            train["attention_scores"] = B * G * heads * (P + L) ** 2 * w
+        if G > 1:
+            notes.append(f"gradient checkpointing: the prompt runs G={G} times in the policy pass (no shared prefix)")
+    else:
+        tokens = B * (P + G * L)
+        train["activations"] = tokens * per_layer * w * layers
+        if G > 1:
+            train["prefix_kv_copies"] = B * G * (P + L) * kv_width * w * layers
+        if attention_probs:
+            train["attention_scores"] = layers * B * heads * (P * P + G * L * (P + L)) * w
+    completion = B * G * L
+    chunk = min(completion, LOGPROB_CHUNK)
+    train["logits"] = completion * V * 4 + 3 * chunk * V * 4  # fp32 logits kept for backward + backward temporaries
+    train["hidden_states"] = 3 * B * G * (P + L) * h * w  # embeddings, final norm, gathered hidden for the head
+
+    phases: dict[str, dict[str, int]] = {"train": train}
+    if grpo:
+        audio_transient = B * (a["max_source_positions"] * (4 * a["d_model"] + a["ffn"])
+                               + a["heads"] * a["max_source_positions"] ** 2) * w
+        phases["rollout"] = {
+            "kv_cache": B * G * (P + L) * kv_width * w * layers + B * G * (P + L) * kv_width * w,  # + one layer's cat copy
+            "prefill_transient": B * P * (per_layer * w + (heads * P * w if attention_probs else 0)) + audio_transient,
+            "sampling_logits": 4 * B * G * V * 4,
+        }
+        reference = {
+            "kv_cache": B * G * (P + L) * kv_width * w * layers,
+            "logits_chunk": chunk * V * (w + 8),
+            "prefill_transient": B * P * per_layer * w + audio_transient,
+        }
+        if config.beta:
+            phases["reference"] = reference
+        if config.num_iterations > 1:
+            phases["old_policy"] = dict(reference)
+    peaks = {name: sum(values.values()) for name, values in phases.items()}
+    worst = max(peaks, key=peaks.get)
+    peak = static + peaks[worst]
+    total = peak + (CUDA_CONTEXT_BYTES if device != "cpu" else 0)
+    return {"kind": kind, "dtype": dtype, "device": device, "lora": lora, "gradient_checkpointing": checkpointing,
+            "layout": {"prompts": B, "generations": G, "prompt_tokens": P, "completion_tokens": L},
+            "parameters": counts, "trainable_parameters": trainable,
+            "terms": {**terms, **{f"{worst}/{k}": v for k, v in phases[worst].items()}},
+            "static": terms, "phases": phases, "phase_peaks": peaks, "peak_phase": worst, "peak_bytes": peak,
+            "cuda_context_bytes": CUDA_CONTEXT_BYTES if device != "cpu" else 0, "total_bytes": total, "notes": notes}
+
+
+def estimate_grpo(config, shapes: dict, prompt_tokens: int = 830, device: str = "cuda") -> dict:
+    return estimate("grpo", config, shapes, prompt_tokens, device)
+
+
+def estimate_sft(config, shapes: dict, prompt_tokens: int = 830, device: str = "cuda") -> dict:
+    return estimate("sft", config, shapes, prompt_tokens, device)
+
+
+def verdict(total_bytes: int, gpu_gb: float) -> str:
+    capacity = gpu_gb * GIB
+    if total_bytes <= capacity * (1 - HEADROOM):
+        return f"fits on a {gpu_gb:g} GB GPU ({total_bytes / capacity:.0%} of it)"
+    if total_bytes <= capacity:
+        return f"tight on a {gpu_gb:g} GB GPU ({total_bytes / capacity:.0%}; under {HEADROOM:.0%} left for fragmentation)"
+    return f"does NOT fit on a {gpu_gb:g} GB GPU ({total_bytes / capacity:.0%} of it)"
+
+
+def format_table(name: str, result: dict, gpu_gb: float) -> str:
+    lay = result["layout"]
+    mode = ("LoRA" if result["lora"] else "full") + (", gradient checkpointing" if result["gradient_checkpointing"] else "")
+    lines = [f"{name}: {result['kind'].upper()} step, {result['dtype']}, {mode}; "
+             f"{lay['prompts']} prompt(s) x G={lay['generations']}, "
+             f"prompt {lay['prompt_tokens']} + {lay['completion_tokens']} tokens; "
+             f"{result['parameters']['total'] / 1e9:.2f}B parameters ({result['trainable_parameters'] / 1e6:,.1f}M trainable)"]
+    for key, value in result["static"].items():
+        lines.append(f"  {key:<34}{value / GIB:>9.2f} GiB")
+    for phase, values in result["phases"].items():
+        marker = "  <- peak" if phase == result["peak_phase"] else ""
+        lines.append(f"  [{phase}]{'':<{31 - len(phase)}}{sum(values.values()) / GIB:>9.2f} GiB{marker}")
+        for key, value in values.items():
+            lines.append(f"    {key:<32}{value / GIB:>9.2f} GiB")
+    lines.append(f"  {'peak (static + largest phase)':<34}{result['peak_bytes'] / GIB:>9.2f} GiB")
+    if result["cuda_context_bytes"]:
+        lines.append(f"  {'+ CUDA context':<34}{result['cuda_context_bytes'] / GIB:>9.2f} GiB")
+    lines.append(f"  {'total per GPU':<34}{result['total_bytes'] / GIB:>9.2f} GiB: {verdict(result['total_bytes'], gpu_gb)}")
+    for note in result["notes"]:
+        lines.append(f"  note: {note}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- configs and pipelines
+
+
+def _config_class(kind: str):
+    if kind == "grpo":
+        from audio_rft.train.grpo import GRPOConfig
+
+        return GRPOConfig
+    if kind == "sft":
+        from audio_rft.train.sft import SFTConfig
+
+        return SFTConfig
+    raise UserError(f"plan knows stage kinds grpo and sft, not {kind!r}")
+
+
+def _guess_kind(values: dict) -> str:
+    grpo_keys = {"num_generations", "beta", "max_completion_length", "temperature", "rewards", "epsilon_low",
+                 "epsilon_high", "num_iterations", "loss_type", "scale_rewards"}
+    if set(values) & grpo_keys:
+        return "grpo"
+    if "max_target_tokens" in values:
+        return "sft"
+    return "grpo"
+
+
+def _model_shapes(model: str, stages: dict[str, dict], seen: tuple[str, ...] = ()) -> dict:
+    """Shapes for a model string; in a pipeline, `${stage}` or `${stage}/final` follows that stage back to
+    its base model (a training stage's `model`, or a tiny-model stage's preset)."""
+    import re
+
+    match = re.fullmatch(r"\$\{([^}]+)\}(/.*)?", model.strip())
+    if match and stages:
+        name = match.group(1)
+        stage = stages.get(name)
+        if stage is None or name in seen:
+            raise UserError(f"model {model!r}: no stage {name!r} to take the model shapes from; pass --model")
+        values = stage.get("config") or {}
+        if stage.get("kind") == "tiny-model":
+            return shapes_for_preset(str(values.get("preset", "tiny")))
+        if stage.get("kind") in ("sft", "grpo") and isinstance(values.get("model"), str):
+            return _model_shapes(values["model"], stages, seen + (name,))
+        raise UserError(f"model {model!r}: stage {name!r} ({stage.get('kind')}) does not name a model; pass --model")
+    return shapes_for_model(model)
+
+
+def plan_targets(path: str | Path, kind: str = "auto",
+                 overrides: list[str] | tuple[str, ...] = ()) -> list[tuple[str, str, object]]:
+    """(name, kind, config) for a stage config YAML, or for every sft/grpo stage of a pipeline YAML."""
+    from audio_rft.config import build_config, load_config, parse_overrides, read_yaml
+
+    data = read_yaml(path)
+    if "stages" not in data:
+        stage_kind = _guess_kind(data) if kind == "auto" else kind
+        return [(Path(path).stem, stage_kind, load_config(_config_class(stage_kind), path, overrides))]
+    stages = data["stages"]
+    if not isinstance(stages, list):
+        raise UserError(f"{path}: 'stages' must be a list of {{name, kind, config}}")
+    targets = []
+    for i, stage in enumerate(stages):
+        if not isinstance(stage, dict):
+            raise UserError(f"{path}: stage {i + 1} is not a mapping")
+        stage_kind = str(stage.get("kind", ""))
+        name = str(stage.get("name", f"stage{i + 1}"))
+        if stage_kind not in ("sft", "grpo"):
+            continue
+        values = stage.get("config") or {}
+        if isinstance(values, str):  # a stage may point at a stage config file
+            values = read_yaml(Path(path).parent / values)
+        if not isinstance(values, dict):
+            raise UserError(f"{path}: stage {name!r}: config must be a mapping")
+        values = dict(values)
+        if "model" not in values and isinstance(data.get("model"), str):
+            values["model"] = data["model"]
+        targets.append((name, stage_kind, build_config(_config_class(stage_kind), values, parse_overrides(overrides),
+                                                       source=f"{path}: stage {name!r}")))
+    if not targets:
+        raise UserError(f"{path}: no sft or grpo stage to plan")
+    return targets
+
+
+def plan(path: str | Path, gpu_gb: float = 80.0, kind: str = "auto", prompt_tokens: int = 830, device: str = "cuda",
+         overrides: list[str] | tuple[str, ...] = (), model: str | None = None) -> list[dict]:
+    from audio_rft.config import read_yaml
+
+    data = read_yaml(path)
+    stages = {str(s.get("name")): s for s in data.get("stages", []) if isinstance(s, dict)} if "stages" in data else {}
+    results = []
+    for name, stage_kind, config in plan_targets(path, kind, overrides):
+        target_model = model or config.model
+        if not target_model:
+            raise UserError(f"{name}: no model in the config; pass --model")
+        shapes = _model_shapes(target_model, stages)
+        result = estimate(stage_kind, config, shapes, prompt_tokens, device)
+        result.update(name=name, model=target_model, shapes_source=shapes["source"], gpu_gb=gpu_gb,
+                      verdict=verdict(result["total_bytes"], gpu_gb),
+                      fits=result["total_bytes"] <= gpu_gb * GIB * (1 - HEADROOM))
+        results.append(result)
+    return results
+
+
+def add_parser(subparsers, command: str) -> None:
+    parser = subparsers.add_parser(
+        command, help="estimate GPU memory for a training config", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Estimate per-GPU memory of one GRPO or SFT step for a stage config YAML, or for every "
+                    "sft/grpo stage of a pipeline YAML (a top-level `stages:` list), and say whether it fits.")
+    parser.add_argument("--config", required=True, help="stage config YAML or pipeline YAML")
+    parser.add_argument("--gpu-gb", type=float, default=80.0, help="GPU memory in GiB")
+    parser.add_argument("--kind", choices=["auto", "grpo", "sft"], default="auto",
+                        help="stage kind of a single-stage config (auto: from its keys)")
+    parser.add_argument("--prompt-tokens", type=int, default=830,
+                        help="prompt length incl. audio tokens (30 s of audio = 750 tokens)")
+    parser.add_argument("--model", help="override the config's model (hub id or local folder) for the shapes")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                        help="cpu: no CUDA context, fp32 for dtype=auto, math attention keeps scores")
+    parser.add_argument("--json", help="also write the estimate as JSON here")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. num_generations=16")
+
+    def run(args: argparse.Namespace) -> int:
+        results = plan(args.config, args.gpu_gb, args.kind, args.prompt_tokens, args.device, args.overrides, args.model)
+        print("\n\n".join(format_table(r["name"], r, args.gpu_gb) for r in results))
+        if args.json:
+            from audio_rft.fileio import atomic_write_json
+
+            atomic_write_json(Path(args.json), {"stages": results})
+        return 0
+
+    parser.set_defaults(func=run)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print("use `audio-rft plan`", file=sys.stderr)
