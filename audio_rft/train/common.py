@@ -210,19 +210,20 @@ def load_training_state(path: Path, optimizer, scheduler, generator: torch.Gener
 
 
 def restore_weights(model, path: Path, lora: bool) -> None:
-    """Load a checkpoint's trainable weights into the in-memory model."""
-    from safetensors.torch import load_file
-
+    """Load a checkpoint's trainable weights into the in-memory model (strictly: nothing silently skipped)."""
     if lora:
         from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
 
-        set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
+        result = set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
+        if getattr(result, "unexpected_keys", None):
+            raise UserError(f"{path}: adapter does not match the model ({result.unexpected_keys[:3]} ...)")
     else:
-        shards = sorted(path.glob("model*.safetensors"))
-        state = {}
-        for shard in shards:
-            state.update(load_file(str(shard)))
-        model.load_state_dict(state, strict=False)
+        from transformers import Qwen2AudioForConditionalGeneration
+
+        # save_pretrained may rename keys on disk; loading through from_pretrained maps them back.
+        saved = Qwen2AudioForConditionalGeneration.from_pretrained(str(path), dtype=next(model.parameters()).dtype)
+        model.load_state_dict(saved.state_dict(), strict=True)
 
 
 def prune_checkpoints(out: Path, keep: int) -> None:

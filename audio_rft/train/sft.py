@@ -113,7 +113,7 @@ def train_sft(config: SFTConfig, fresh: bool = False) -> Path:
                                     accelerator.process_index, accelerator.num_processes)
                 loss, tokens = sft_loss(core, processor, config.data, [samples[i] for i in idx], config)
                 (loss / config.grad_accum).backward()
-                loss_sum, token_count = loss_sum + float(loss) / config.grad_accum, token_count + tokens
+                loss_sum, token_count = loss_sum + float(loss.detach()) / config.grad_accum, token_count + tokens
         except torch.cuda.OutOfMemoryError:
             raise UserError(oom_advice("SFT")) from None
         sync_gradients(accelerator, params)
