@@ -298,18 +298,25 @@ def test_completion_logprobs_equal_a_plain_forward(rollout_setup, shared_prefix)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
-def test_completion_logprobs_carry_gradients_to_lora(rollout_setup):
+def test_completion_logprobs_gradients_same_with_and_without_shared_prefix(rollout_setup):
+    """The shared prefill's cache carries gradients: both paths give the LoRA weights the same gradient."""
     processor, model, core, _, _, batch = rollout_setup
-    completions = torch.full((len(batch) * 2, 3), 100)
-    model.train()
+    completions = torch.randint(len(SPECIAL_TOKENS), len(processor.tokenizer), (len(batch) * 2, 3),
+                                generator=torch.Generator().manual_seed(7))
+    weights = torch.linspace(-1, 1, completions.numel()).view_as(completions)
+    grads = []
     try:
-        completion_logprobs(core, batch, completions, 2).sum().backward()
-        grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
-        assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
-        assert all(p.grad is None for n, p in model.named_parameters() if "audio_tower" in n)
+        for shared_prefix in (True, False):
+            model.zero_grad(set_to_none=True)
+            (completion_logprobs(core, batch, completions, 2, shared_prefix=shared_prefix) * weights).sum().backward()
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+            assert all(p.grad is None for n, p in model.named_parameters() if "audio_tower" in n)
     finally:
         model.zero_grad(set_to_none=True)
-        model.eval()
+    shared, full = grads
+    assert any(g.abs().sum() > 0 for g in shared.values())
+    for name in shared:
+        torch.testing.assert_close(shared[name], full[name], atol=1e-5, rtol=1e-4)
 
 
 def test_greedy_sample_equals_hf_generate(rollout_setup):
@@ -334,6 +341,14 @@ def boosted_head(core, boost: dict[int, float]):
         yield
     finally:
         core.lm_head = original
+
+
+def test_nucleus_sampling_with_tiny_top_p_is_greedy(rollout_setup):
+    processor, _, core, _, _, batch = rollout_setup
+    greedy, greedy_mask = sample(core, processor, batch, 1, max_new_tokens=6, temperature=0.0)
+    nucleus, nucleus_mask = sample(core, processor, batch, 1, max_new_tokens=6, temperature=1.0, top_p=1e-6,
+                                   generators=[torch.Generator().manual_seed(i) for i in range(len(batch))])
+    assert torch.equal(greedy, nucleus) and torch.equal(greedy_mask, nucleus_mask)
 
 
 class BoostedHead(torch.nn.Module):
