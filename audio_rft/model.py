@@ -6,7 +6,6 @@ The 7B and the tiny preset go through the same `load_model`; only the folder dif
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from dataclasses import dataclass

@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -32,6 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from audio_rft.bench import machine_info
 from audio_rft import UserError
 from audio_rft.config import build_config, config_to_dict, option, read_yaml
 from audio_rft.fileio import atomic_write_json, atomic_write_text, sha256_json
@@ -518,29 +518,6 @@ def _run_eval(pipe: Pipeline, stage: Stage, fresh: bool, records: dict[str, dict
                         "prompt": variant.config.prompt, "model": variant.config.model, "adapter": variant.config.adapter,
                         "ablate_audio": variant.config.ablate_audio, "accuracy": summary["total_accuracy"], "n": summary["n"]})
     atomic_write_json(stage.folder / "variants.json", listing)
-
-
-def machine_info() -> dict:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
-    try:
-        import transformers
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    if torch.cuda.is_available():
-        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return info
 
 
 def _run_report(pipe: Pipeline, stage: Stage, fresh: bool, records: dict[str, dict]) -> None:

@@ -389,6 +389,29 @@ def run_summary(out: Path, config: TrainConfig, step: int, metrics: dict[str, An
                                          "last_metrics": metrics, "final": "final"})
 
 
+def log_and_checkpoint(out: Path, config: TrainConfig, metrics: dict[str, Any], log: "MetricsLog",
+                       checkpoint: Path | None, **state) -> Path | None:
+    """Log one step; on schedule, write checkpoint-N (model, processor, optimizer, scheduler in `state`).
+    Returns the newest complete checkpoint."""
+    log.write(metrics)
+    step = metrics["step"]
+    if config.save_every and step % config.save_every == 0 and step < config.max_steps:
+        checkpoint = checkpoint_or_stop(out / f"checkpoint-{step}", checkpoint, step=step, config=config,
+                                        metrics=metrics, **state)
+        prune_checkpoints(out, config.keep_checkpoints)
+    return checkpoint
+
+
+def finish_training(out: Path, config: TrainConfig, metrics: dict[str, Any], log: "MetricsLog",
+                    checkpoint: Path | None, seconds: float, **state) -> Path:
+    """Write final/ (weights, processor, model card; no training state) and run.json."""
+    final = checkpoint_or_stop(out / "final", checkpoint, step=config.max_steps, config=config, metrics=metrics,
+                               final=True, **state)
+    run_summary(out, config, config.max_steps, metrics, seconds)
+    log.close()
+    return final
+
+
 def make_accelerator(config: TrainConfig):
     """Process layout from `accelerate launch` (one process when run plainly)."""
     from accelerate import Accelerator

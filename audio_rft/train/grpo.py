@@ -20,9 +20,9 @@ from tqdm import tqdm
 from audio_rft import UserError
 from audio_rft.config import option
 from audio_rft.train.common import (
-    MetricsLog, NonFiniteGuard, TrainConfig, batch_indices, checkpoint_or_stop, grad_norm_and_clip, held_out_accuracy,
-    load_training_state, make_accelerator, make_optimizer, oom_advice, parse_train_args, prune_checkpoints,
-    restore_weights, resume_point, run_summary, seed_everything, setup_model, sync_gradients,
+    MetricsLog, NonFiniteGuard, TrainConfig, batch_indices, finish_training, grad_norm_and_clip,
+    held_out_accuracy, load_training_state, log_and_checkpoint, make_accelerator, make_optimizer, oom_advice,
+    parse_train_args, restore_weights, resume_point, seed_everything, setup_model, sync_gradients,
 )
 
 LOSS_TYPES = ("sequence", "token", "constant")
@@ -159,6 +159,7 @@ def train_grpo(config: GRPOConfig, fresh: bool = False) -> Path:
     if config.beta and not config.lora:
         frozen_reference = copy.deepcopy(core).eval().requires_grad_(False)
     optimizer, scheduler = make_optimizer(model, config, config.max_steps * config.num_iterations)
+    state = dict(model=model, processor=processor, optimizer=optimizer, scheduler=scheduler)
     checkpoint = resume_point(out, fresh and main)
     accelerator.wait_for_everyone()
     start = 0
@@ -271,25 +272,16 @@ def train_grpo(config: GRPOConfig, fresh: bool = False) -> Path:
         if config.eval_every and config.eval_data and (step + 1) % config.eval_every == 0 and main:
             metrics.update(held_out_accuracy(model, processor, config))
         if main:
-            log.write(metrics)
+            checkpoint = log_and_checkpoint(out, config, metrics, log, checkpoint, **state)
             if logged:
                 with open(out / "completions.jsonl", "a", encoding="utf-8") as f:
                     f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in logged))
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics.get('rewards/accuracy', float('nan')):.2f}")
-            if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.max_steps:
-                checkpoint = checkpoint_or_stop(out / f"checkpoint-{step + 1}", checkpoint, model=model, processor=processor,
-                                                optimizer=optimizer, scheduler=scheduler, step=step + 1, config=config,
-                                                metrics=metrics)
-                prune_checkpoints(out, config.keep_checkpoints)
         accelerator.wait_for_everyone()
     bar.close()
     if main:
-        final = checkpoint_or_stop(out / "final", checkpoint, model=model, processor=processor, optimizer=optimizer,
-                                   scheduler=scheduler, step=config.max_steps, config=config, metrics=metrics, final=True)
-        run_summary(out, config, config.max_steps, metrics, time.perf_counter() - began)
-        log.close()
-        return final
+        return finish_training(out, config, metrics, log, checkpoint, time.perf_counter() - began, **state)
     return out / "final"
 
 
