@@ -192,7 +192,7 @@ def load_model(model: str | Path, adapter: str | Path | None = None, dtype: str 
             raise UserError(f"{model}: not a loadable Qwen2-Audio folder ({str(e).splitlines()[0][:160]})") from None
         raise UserError(
             f"model {model!r} is not a local folder and is not in the Hugging Face cache; download it first with "
-            f"`huggingface-cli download {model}` (or pass a local folder)") from None
+            f"`hf download {model}` (or pass a local folder)") from None
     processor.tokenizer.padding_side = "left"
     network.to(target)
     if adapter:

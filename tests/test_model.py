@@ -436,7 +436,7 @@ def test_uncached_hub_id_offline_is_a_one_line_user_error(synth_data, tmp_path):
     assert done.returncode == 2, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.startswith("audio-rft")]
     assert len(lines) == 1 and "Traceback" not in done.stderr
-    assert "not in the Hugging Face cache" in lines[0] and "download Qwen/Qwen2-Audio-7B-Instruct" in lines[0]
+    assert "not in the Hugging Face cache" in lines[0] and "`hf download Qwen/Qwen2-Audio-7B-Instruct`" in lines[0]
 
 
 def test_bare_name_offline_is_a_user_error(monkeypatch):
