@@ -115,7 +115,7 @@ def beep_count(rng, ans, lvl, test):
 
 
 def loudness_trend(rng, ans, lvl, test):
-    n = _n(rng.uniform(2.0, 4.0))
+    n = _n(rng.uniform(3.0, 4.0))
     change = rng.uniform(*[(20, 28), (12, 18), (7, 10)][lvl]) * (0.9 if test else 1.0)  # dB over the clip
     db = {"getting louder": np.linspace(-change, 0, n), "getting quieter": np.linspace(0, -change, n),
           "staying the same": np.zeros(n)}[ans]
@@ -141,12 +141,12 @@ def tone_pitch(rng, ans, lvl, test):
 def tempo(rng, ans, lvl, test):
     ranges = {"slow": [(50, 70), (62, 80), (78, 92)], "fast": [(170, 220), (140, 165), (118, 132)]}
     period = 60 / (rng.uniform(*ranges[ans][lvl]) * (1.04 if test else 1.0))
-    dur = rng.uniform(3.0, 4.0)
-    t = np.arange(_n(0.04)) / SR
-    click = np.sin(2 * np.pi * rng.uniform(1500, 2500) * (0.8 if test else 1.0) * t) * np.exp(-t / 0.008)
+    dur = rng.uniform(3.5, 4.0)
+    t = np.arange(_n(0.08)) / SR  # a woodblock-like knock: tonal, so click density shows in its band
+    click = _tone(rng.uniform(1500, 2500) * (0.8 if test else 1.0), len(t), (1.0, 0.3)) * np.exp(-t / 0.025)
     clip = np.zeros(_n(dur))
-    for start in np.arange(rng.uniform(0.05, 0.3), dur - 0.05, period):
-        _put(clip, click, start)
+    for start in np.arange(rng.uniform(0.05, 0.3), dur - 0.08, period):
+        _put(clip, _fade(click, 2), start)
     words = {"slow": "The clicks are far apart: a slow beat.", "fast": "The clicks come quickly: a fast beat."}
     return clip, words[ans]
 
@@ -203,16 +203,16 @@ def vowel(rng, ans, lvl, test):
 
 
 def _syllables(rng, voices: list[tuple[float, float]], test: bool) -> np.ndarray:
-    """A few vowel syllables with pauses; syllable i is spoken by voices[i % len(voices)]."""
+    """A few syllables of one vowel with pauses; every voice speaks at least one of them."""
     count = int(rng.integers(3, 6))
     lens = rng.uniform(0.25, 0.45, size=count) * (0.9 if test else 1.0)
     pauses = rng.uniform(0.08, 0.2, size=count)
     dur = min(MAX_SECONDS, max(2.0, (lens + pauses).sum() + 0.2))
     clip, t = np.zeros(_n(dur)), rng.uniform(0.05, dur - (lens + pauses).sum() + 0.05)
-    order = rng.permutation(count) % len(voices)  # every voice speaks at least once
+    order, vowel = rng.permutation(count) % len(voices), str(rng.choice(list(VOWELS)))
     for i in range(count):
         f0, scale = voices[order[i]]
-        _put(clip, _vowel(rng, str(rng.choice(list(VOWELS))), f0 * rng.uniform(0.98, 1.02), lens[i], scale), t)
+        _put(clip, _vowel(rng, vowel, f0 * rng.uniform(0.98, 1.02), lens[i], scale), t)
         t += lens[i] + pauses[i]
     return clip
 
