@@ -369,18 +369,18 @@ def test_two_processes_match_one_on_the_same_global_batch(tiny_model, synth_data
 
 @pytest.mark.slow
 def test_grpo_raises_accuracy_from_a_warmed_up_base(tiny_model, synth_data, tmp_path):
-    """Measured: a short full-parameter SFT warm-up (format learned, answers ~chance), then 60 GRPO steps.
+    """Measured: a short full-parameter SFT warm-up (format learned, answers near chance), then 90 GRPO steps.
 
-    48 training items in batches of 8: each fifth of the run (12 steps) is exactly two epochs, so the first
-    and last fifths average over the same items and differ only by what the policy learned. Seen here: the
-    accuracy reward went from 0.16 to 0.28; the test asks for +0.05.
+    48 training items in batches of 8: each fifth of the run (18 steps) is exactly three epochs, so the first
+    and last fifths average over the same items and differ only by what the policy learned (per-batch
+    difficulty varies a lot). Seen here: the mean accuracy reward went from 0.32 to 0.55; the test asks for +0.08.
     """
     from audio_rft.train.sft import SFTConfig, train_sft
 
     warm = train_sft(SFTConfig(model=str(tiny_model), data=str(synth_data / "train"), out=str(tmp_path / "warm"),
-                               max_steps=30, batch_size=16, lr=3e-3, lora=False, save_every=0, report_to=[],
+                               max_steps=40, batch_size=16, lr=3e-3, lora=False, save_every=0, report_to=[],
                                device="cpu"))
-    steps = 60
+    steps = 90
     train_grpo(grpo_config(warm, synth_data, tmp_path / "grpo", max_steps=steps, lora=False, lr=2e-4, batch_size=8,
                            num_generations=8, max_completion_length=8, temperature=0.7, beta=0.0, num_iterations=1,
                            loss_type="token", skip_equal_groups=True, save_every=0, rewards=["accuracy", "format"],
@@ -389,5 +389,5 @@ def test_grpo_raises_accuracy_from_a_warmed_up_base(tiny_model, synth_data, tmp_
     accuracy = [m["rewards/accuracy"] for m in metrics]
     fifth = steps // 5
     first, last = sum(accuracy[:fifth]) / fifth, sum(accuracy[-fifth:]) / fifth
-    assert last > first + 0.05, (first, last, accuracy)
+    assert last > first + 0.08, (first, last, accuracy)
     assert sum(m["rewards/format"] for m in metrics[-fifth:]) / fifth > 0.8  # the format was kept
