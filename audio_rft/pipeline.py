@@ -573,7 +573,7 @@ def _run_report(pipe: Pipeline, stage: Stage, fresh: bool, records: dict[str, di
 def _run_section(pipe: Pipeline, report: dict) -> str:
     m = report["machine"]
     lines = ["", "## Pipeline run", "", f"Pipeline `{pipe.path}` ({pipe.name}); checkpoints are relative to the run folder.",
-             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads)"
+             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['threads']} threads)"
              + (f", GPUs: {', '.join(m['gpus'])}" if m.get("gpus") else "") + f", {m['platform']}.", "",
              "| stage | seconds |", "|---|---|"]
     lines += [f"| {name} | {'—' if s is None else f'{s:.1f}'} |" for name, s in report["stage_seconds"].items()]
