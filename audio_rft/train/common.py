@@ -389,6 +389,20 @@ def run_summary(out: Path, config: TrainConfig, step: int, metrics: dict[str, An
                                          "last_metrics": metrics, "final": "final"})
 
 
+def resume_training(config: TrainConfig, out: Path, fresh: bool, accelerator, model, optimizer,
+                    scheduler) -> tuple[Path | None, int]:
+    """Restore weights, optimizer, scheduler and RNG from the newest complete checkpoint (none after
+    --fresh); returns it and the step to continue from."""
+    checkpoint = resume_point(out, fresh and accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    if checkpoint is None:
+        return None, 0
+    restore_weights(model, checkpoint, config.lora)
+    start = load_training_state(checkpoint, optimizer, scheduler, None)
+    print(f"resuming from {checkpoint} (step {start})", file=sys.stderr)
+    return checkpoint, start
+
+
 def log_and_checkpoint(out: Path, config: TrainConfig, metrics: dict[str, Any], log: "MetricsLog",
                        checkpoint: Path | None, **state) -> Path | None:
     """Log one step; on schedule, write checkpoint-N (model, processor, optimizer, scheduler in `state`).

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +20,8 @@ from audio_rft import UserError
 from audio_rft.config import option
 from audio_rft.train.common import (
     MetricsLog, NonFiniteGuard, TrainConfig, batch_indices, finish_training, grad_norm_and_clip,
-    held_out_accuracy, load_training_state, log_and_checkpoint, make_accelerator, make_optimizer, oom_advice,
-    parse_train_args, restore_weights, resume_point, seed_everything, setup_model, sync_gradients,
+    held_out_accuracy, log_and_checkpoint, make_accelerator, make_optimizer, oom_advice,
+    parse_train_args, resume_training, seed_everything, setup_model, sync_gradients,
 )
 
 LOSS_TYPES = ("sequence", "token", "constant")
@@ -160,13 +159,7 @@ def train_grpo(config: GRPOConfig, fresh: bool = False) -> Path:
         frozen_reference = copy.deepcopy(core).eval().requires_grad_(False)
     optimizer, scheduler = make_optimizer(model, config, config.max_steps * config.num_iterations)
     state = dict(model=model, processor=processor, optimizer=optimizer, scheduler=scheduler)
-    checkpoint = resume_point(out, fresh and main)
-    accelerator.wait_for_everyone()
-    start = 0
-    if checkpoint is not None:
-        restore_weights(model, checkpoint, config.lora)
-        start = load_training_state(checkpoint, optimizer, scheduler, None)
-        print(f"resuming from {checkpoint} (step {start})", file=sys.stderr)
+    checkpoint, start = resume_training(config, out, fresh, accelerator, model, optimizer, scheduler)
     out.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(out, start, config) if main else None
     guard, metrics, began = NonFiniteGuard(config.max_bad_steps), {}, time.perf_counter()
