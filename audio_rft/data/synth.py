@@ -104,7 +104,7 @@ def _vowel(rng, vowel: str, f0: float, seconds: float, scale: float = 1.0, centr
 def beep_count(rng, ans, lvl, test):
     k = NUM.index(ans)
     dur = rng.uniform(2.5, 4.0)
-    blen = rng.uniform(0.09, 0.12) * (1.15 if test else 1.0)
+    blen = rng.uniform(0.10, 0.12)
     gaps = rng.uniform(*[(0.25, 0.35), (0.18, 0.26), (0.15, 0.19)][lvl]) * rng.uniform(1, 1 + 0.1 * lvl, k - 1)
     freq = rng.uniform(700, 1400) * (1.25 if test else 1.0)
     clip, t = np.zeros(_n(dur)), rng.uniform(0.1, dur - k * blen - gaps.sum() - 0.1)
