@@ -117,6 +117,7 @@ def build_processor(preset: str, corpus_datasets: Iterable[str | Path] = ()):
 def build_tiny_preset(preset: str, out: str | Path, corpus_datasets: Iterable[str | Path] = (), seed: int = 0) -> Path:
     """Build a randomly initialised Qwen2-Audio of preset shape plus its processor, saved with save_pretrained."""
     from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
+    from transformers.models.whisper.modeling_whisper import sinusoids
 
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -139,6 +140,12 @@ def build_tiny_preset(preset: str, out: str | Path, corpus_datasets: Iterable[st
     )
     torch.manual_seed(seed)
     model = Qwen2AudioForConditionalGeneration(config)
+    # The released Qwen2-Audio encoder carries Whisper's fixed sinusoidal position table; a fresh model gets a
+    # random frozen one instead, which leaves the encoder nearly blind to frame order (loudness trends and
+    # melody direction stayed at chance in the synth probe until this table was set).
+    positions = model.model.audio_tower.embed_positions.weight
+    with torch.no_grad():
+        positions.copy_(sinusoids(*positions.shape))
     model.generation_config.eos_token_id = [im_end, pad]
     model.generation_config.pad_token_id = pad
     model.generation_config.do_sample = False

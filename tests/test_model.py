@@ -66,6 +66,16 @@ def test_tiny_preset_loads_and_generates_in_plain_transformers(tiny_model, share
     assert 0.5e6 < params < 3e6
 
 
+def test_tiny_preset_encoder_positions_are_whisper_sinusoids(tiny_model):
+    # The released Qwen2-Audio encoder has Whisper's fixed table; a random one leaves frame order unlearnable.
+    from transformers import Qwen2AudioForConditionalGeneration
+    from transformers.models.whisper.modeling_whisper import sinusoids
+
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(tiny_model)
+    positions = model.model.audio_tower.embed_positions.weight
+    assert torch.allclose(positions, sinusoids(*positions.shape))
+
+
 def test_bench_processor_gives_250_audio_tokens_for_a_10s_clip(shared_clip):
     processor = build_processor("bench")
     text = processor.apply_chat_template(AUDIO_MESSAGE, add_generation_prompt=True, tokenize=False)
