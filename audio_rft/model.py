@@ -143,9 +143,14 @@ def build_tiny_preset(preset: str, out: str | Path, corpus_datasets: Iterable[st
     # The released Qwen2-Audio encoder carries Whisper's fixed sinusoidal position table; a fresh model gets a
     # random frozen one instead, which leaves the encoder nearly blind to frame order (loudness trends and
     # melody direction stayed at chance in the synth probe until this table was set).
-    positions = model.model.audio_tower.embed_positions.weight
+    # The convolutions get He-normal weights so that the clip's content reaches the encoder on the same scale
+    # as that table (std ~0.6); at the default std 0.02 the conv output is ~0.015 and the table swamps it.
+    tower = model.model.audio_tower
     with torch.no_grad():
-        positions.copy_(sinusoids(*positions.shape))
+        tower.embed_positions.weight.copy_(sinusoids(*tower.embed_positions.weight.shape))
+        for conv in (tower.conv1, tower.conv2):
+            torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            conv.bias.zero_()
     model.generation_config.eos_token_id = [im_end, pad]
     model.generation_config.pad_token_id = pad
     model.generation_config.do_sample = False
@@ -228,13 +233,18 @@ def add_lora(model: torch.nn.Module, rank: int = 8, alpha: int = 16, dropout: fl
     return get_peft_model(model, config)
 
 
-def set_full_finetune(model: torch.nn.Module, train_projector: bool = False) -> None:
-    """Full fine-tuning: the language model trains; the audio encoder never does."""
+def set_full_finetune(model: torch.nn.Module, train_projector: bool = False, train_audio_encoder: bool = False) -> None:
+    """Full fine-tuning: the language model trains; the audio encoder only when asked.
+
+    Training the encoder is for building a small base from random initialisation (the demo's warm-up
+    stands in for Qwen2-Audio's pre-training); post-training keeps it frozen, as R1-AQA does. Its
+    position table stays fixed either way, as in Whisper.
+    """
     for name, param in model.named_parameters():
         if ".audio_tower." in f".{name}":
-            param.requires_grad_(False)
+            param.requires_grad_(train_audio_encoder and "embed_positions" not in name)
         elif "multi_modal_projector" in name:
-            param.requires_grad_(train_projector)
+            param.requires_grad_(train_projector or train_audio_encoder)
         else:
             param.requires_grad_(True)
 

@@ -51,7 +51,9 @@ class TrainConfig:
     lora_alpha: int = option(16, "LoRA alpha")
     lora_dropout: float = option(0.05, "LoRA dropout")
     lora_targets: list[str] = option([], "LoRA target modules (default: the language model's attention and MLP projections)")
-    train_projector: bool = option(False, "also train the audio projector (the audio encoder is always frozen)")
+    train_projector: bool = option(False, "also train the audio projector")
+    train_audio_encoder: bool = option(False, "also train the audio encoder and projector (full fine-tuning only; "
+                                              "for building a base from scratch, as the demo's warm-up does)")
     dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), bf16, fp32")
     device: str = option("auto", "auto, cpu, cuda")
     gradient_checkpointing: bool = option(False, "recompute activations in backward (GPU memory saver)")
@@ -109,6 +111,8 @@ def setup_model(config: TrainConfig, device: str | None = None):
 
     if config.threads:
         torch.set_num_threads(config.threads)
+    if config.lora and config.train_audio_encoder:
+        raise UserError("train_audio_encoder=true needs lora=false (LoRA adapts only the language model)")
     loaded = load_model(config.model, config.adapter, config.dtype, device or config.device, adapter_trainable=config.lora)
     model = loaded.model
     if config.lora and not hasattr(model, "peft_config"):
@@ -117,7 +121,7 @@ def setup_model(config: TrainConfig, device: str | None = None):
     elif not config.lora:
         if hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()  # full fine-tuning from a LoRA warm-up: bake it in
-        set_full_finetune(model, config.train_projector)
+        set_full_finetune(model, config.train_projector, config.train_audio_encoder)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
