@@ -28,10 +28,20 @@ class PromptBatch:
     attention_mask: torch.Tensor  # (B, P)
     input_features: torch.Tensor  # (B, mels, frames)
     feature_attention_mask: torch.Tensor  # (B, frames)
+    # The audio tower's output, when it is frozen: computed once (with_audio_encoded) and reused by every
+    # pass over the batch, so a GRPO step runs the encoder once instead of once per pass.
+    audio_hidden: torch.Tensor | None = None  # (B, frames / 2, audio width)
+
+    def _map(self, fn) -> "PromptBatch":
+        return PromptBatch(*(None if t is None else fn(t) for t in (
+            self.input_ids, self.attention_mask, self.input_features, self.feature_attention_mask, self.audio_hidden)))
 
     def to(self, device) -> "PromptBatch":
-        return PromptBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask,
-                                                     self.input_features, self.feature_attention_mask)))
+        return self._map(lambda t: t.to(device))
+
+    def select(self, rows: torch.Tensor) -> "PromptBatch":
+        """The prompts at `rows` (a 1-D index tensor)."""
+        return self._map(lambda t: t[rows.to(t.device)])
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -65,25 +75,42 @@ def encode_prompts(processor, samples: list[Sample], waveforms: list[np.ndarray]
     return batch
 
 
+def encode_audio(core, batch: PromptBatch) -> torch.Tensor:
+    """The audio tower's last hidden state for every clip (padded frames masked out of attention)."""
+    from transformers.masking_utils import create_bidirectional_mask
+
+    tower = core.model.audio_tower
+    dtype = core.model.get_input_embeddings().weight.dtype
+    feature_lengths, _ = tower._get_feat_extract_output_lengths(batch.feature_attention_mask.sum(-1))
+    frames = (batch.input_features.shape[-1] - 2) // 2 + 1
+    device = batch.input_features.device
+    valid = (torch.arange(frames, device=device)[None, :] < feature_lengths[:, None]).long()
+    mask = create_bidirectional_mask(config=tower.config, inputs_embeds=torch.zeros(len(batch), frames, 1, dtype=dtype,
+                                     device=device), attention_mask=valid)
+    trainable_tower = any(p.requires_grad for p in tower.parameters())
+    with torch.set_grad_enabled(torch.is_grad_enabled() and trainable_tower):
+        return tower(batch.input_features.to(dtype), attention_mask=mask).last_hidden_state
+
+
+def with_audio_encoded(core, batch: PromptBatch) -> PromptBatch:
+    """The batch with its audio tower output attached, when the tower is frozen (else unchanged)."""
+    if any(p.requires_grad for p in core.model.audio_tower.parameters()):
+        return batch
+    with torch.no_grad():
+        return PromptBatch(batch.input_ids, batch.attention_mask, batch.input_features, batch.feature_attention_mask,
+                           encode_audio(core, batch))
+
+
 def prompt_embeddings(core, batch: PromptBatch) -> torch.Tensor:
     """Token embeddings with each clip's audio features written over its <|AUDIO|> placeholders.
 
     The same merge Qwen2AudioModel.forward does, kept here so the language model can be called on
     embeddings directly (once per prompt) and the frozen audio tower never builds a graph.
     """
-    from transformers.masking_utils import create_bidirectional_mask
-
     qwen = core.model
     embeds = qwen.get_input_embeddings()(batch.input_ids)
-    tower = qwen.audio_tower
-    feature_lengths, audio_lengths = tower._get_feat_extract_output_lengths(batch.feature_attention_mask.sum(-1))
-    frames = (batch.input_features.shape[-1] - 2) // 2 + 1
-    valid = (torch.arange(frames, device=embeds.device)[None, :] < feature_lengths[:, None]).long()
-    mask = create_bidirectional_mask(config=tower.config, inputs_embeds=torch.zeros(len(batch), frames, 1, dtype=embeds.dtype,
-                                     device=embeds.device), attention_mask=valid)
-    trainable_tower = any(p.requires_grad for p in tower.parameters())
-    with torch.set_grad_enabled(torch.is_grad_enabled() and trainable_tower):
-        hidden = tower(batch.input_features.to(embeds.dtype), attention_mask=mask).last_hidden_state
+    hidden = batch.audio_hidden if batch.audio_hidden is not None else encode_audio(core, batch)
+    _, audio_lengths = qwen.audio_tower._get_feat_extract_output_lengths(batch.feature_attention_mask.sum(-1))
     features = qwen.multi_modal_projector(hidden)
     keep = torch.arange(features.shape[1], device=embeds.device)[None, :] < audio_lengths[:, None]
     features = features[keep]
@@ -173,8 +200,11 @@ def _gumbel(shape, group: int, generators: list[torch.Generator] | None, device)
 
 
 def completion_logprobs(core, batch: PromptBatch, completion_ids: torch.Tensor, num_generations: int,
-                        shared_prefix: bool = True, chunk: int = 4096) -> torch.Tensor:
-    """log π(o_t | q, o_<t) for every completion token: (B*G, L).
+                        shared_prefix: bool = True, chunk: int = 4096, temperature: float = 1.0) -> torch.Tensor:
+    """log π(o_t | q, o_<t) for every completion token: (B*G, L), with π the softmax of logits / temperature.
+
+    GRPO passes its sampling temperature, so the policy it scores is the one it sampled from; at T=1
+    scoring samples drawn at T=0.7 gives a biased gradient that sharpens the policy without learning.
 
     With `shared_prefix` the prompt is prefilled once and its cache repeated G times (gradients flow
     through it); without (needed under gradient checkpointing, which drops caches) the prompt
@@ -195,15 +225,16 @@ def completion_logprobs(core, batch: PromptBatch, completion_ids: torch.Tensor, 
         sequence = torch.cat([embeds.repeat_interleave(num_generations, 0), completion_embeds], dim=1)
         out = lm(inputs_embeds=sequence, attention_mask=full_mask, position_ids=positions, use_cache=False)
         hidden = out.last_hidden_state[:, prompt_mask.shape[1] - 1: -1]
-    return token_logprobs(core.lm_head, hidden, completion_ids, chunk)
+    return token_logprobs(core.lm_head, hidden, completion_ids, chunk, temperature)
 
 
-def token_logprobs(head, hidden: torch.Tensor, ids: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+def token_logprobs(head, hidden: torch.Tensor, ids: torch.Tensor, chunk: int = 4096,
+                   temperature: float = 1.0) -> torch.Tensor:
     """Gather log-softmax at `ids` without holding a float32 copy of the full (N, L, V) logits at once."""
     flat_hidden, flat_ids = hidden.reshape(-1, hidden.shape[-1]), ids.reshape(-1)
     parts = []
     for start in range(0, flat_ids.numel(), chunk):
-        logits = head(flat_hidden[start:start + chunk]).float()
+        logits = head(flat_hidden[start:start + chunk]).float() / temperature
         parts.append(logits.gather(-1, flat_ids[start:start + chunk, None]).squeeze(-1) - logits.logsumexp(-1))
     return torch.cat(parts).view_as(ids)
 

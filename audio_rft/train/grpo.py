@@ -135,7 +135,8 @@ def train_grpo(config: GRPOConfig, fresh: bool = False) -> Path:
     from audio_rft.data.dataset import load_dataset
     from audio_rft.model import core_model
     from audio_rft.prompts import check_mode
-    from audio_rft.rollout import completion_logprobs, decode, encode_prompts, load_waveforms, sample
+    from audio_rft.rollout import (completion_logprobs, decode, encode_prompts, load_waveforms, sample,
+                                   with_audio_encoded)
 
     check_mode(config.prompt_mode)
     if not (config.model and config.data and config.out):
@@ -164,6 +165,7 @@ def train_grpo(config: GRPOConfig, fresh: bool = False) -> Path:
     log = MetricsLog(out, start, config) if main else None
     guard, metrics, began = NonFiniteGuard(config.max_bad_steps), {}, time.perf_counter()
     G, shared_prefix = config.num_generations, not config.gradient_checkpointing
+    T = config.temperature if config.temperature > 0 else 1.0  # score the policy that sampled
     bar = tqdm(total=config.max_steps, initial=start, desc=f"grpo {config.prompt_mode}", unit="step", disable=not main)
 
     for step in range(start, config.max_steps):
@@ -180,6 +182,7 @@ def train_grpo(config: GRPOConfig, fresh: bool = False) -> Path:
                 batch = encode_prompts(processor, batch_samples, load_waveforms(config.data, batch_samples),
                                        config.prompt_mode, config.max_prompt_tokens).to(core.device)
                 core.eval()  # no dropout while sampling
+                batch = with_audio_encoded(core, batch)  # a frozen encoder runs once for all passes below
                 ids, mask = sample(core, processor, batch, G, config.max_completion_length, config.temperature,
                                    config.top_p, prompt_generators(config.seed, step, idx))
                 texts = decode(processor, ids, mask)
@@ -197,20 +200,19 @@ def train_grpo(config: GRPOConfig, fresh: bool = False) -> Path:
                 if len(keep) == 0:
                     continue
                 rows = (keep[:, None] * G + torch.arange(G)).flatten().to(core.device)
-                batch = type(batch)(*(t[keep.to(t.device)] for t in (batch.input_ids, batch.attention_mask,
-                                                                   batch.input_features, batch.feature_attention_mask)))
+                batch = batch.select(keep)
                 ids, mask, advantages = ids[rows], mask[rows], advantages[rows]
                 clock = time.perf_counter()
                 ref_logprobs = old_logprobs = None
                 with torch.no_grad():
                     if config.beta:
                         if frozen_reference is not None:
-                            ref_logprobs = completion_logprobs(frozen_reference, batch, ids, G, shared_prefix)
+                            ref_logprobs = completion_logprobs(frozen_reference, batch, ids, G, shared_prefix, temperature=T)
                         else:
                             with model.disable_adapter():
-                                ref_logprobs = completion_logprobs(core, batch, ids, G, shared_prefix)
+                                ref_logprobs = completion_logprobs(core, batch, ids, G, shared_prefix, temperature=T)
                     if config.num_iterations > 1:  # π_old is needed only when the policy moves between updates
-                        old_logprobs = completion_logprobs(core, batch, ids, G, shared_prefix)
+                        old_logprobs = completion_logprobs(core, batch, ids, G, shared_prefix, temperature=T)
                 timing["reference"] += time.perf_counter() - clock
                 rollouts.append((batch, ids, mask, advantages, ref_logprobs, old_logprobs))
                 if main and config.log_completions_every and step % config.log_completions_every == 0:
@@ -226,7 +228,7 @@ def train_grpo(config: GRPOConfig, fresh: bool = False) -> Path:
                 clock = time.perf_counter()
                 loss_total, stats_total = torch.zeros(()), {"kl": 0.0, "clip_ratio": 0.0}
                 for batch, ids, mask, advantages, ref_logprobs, old_logprobs in rollouts:
-                    logprobs = completion_logprobs(core, batch, ids, G, shared_prefix)
+                    logprobs = completion_logprobs(core, batch, ids, G, shared_prefix, temperature=T)
                     loss, stats = grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, config.beta,
                                             config.epsilon_low, config.epsilon_high, config.loss_type,
                                             config.max_completion_length)
