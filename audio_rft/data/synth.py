@@ -4,7 +4,7 @@ Nine sub-categories, three per task (table `SUBS`). Each is one small generator
 `gen(rng, answer, level, test) -> (waveform, reasoning)` that renders a 2-4 s, 16 kHz clip for a
 given answer at difficulty level 0/1/2 (easy/medium/hard), plus a table of question phrasings split
 into train and held-out test phrasings. The test split also shifts the parameter ranges a little
-(frequencies, tempi, durations; 3 dB more noise) while keeping the answer space, so a model is
+(frequencies, cut-offs, durations; 3 dB more noise) while keeping the answer space, so a model is
 measured on generalisation, not memorisation.
 
 Item j of a split is fully determined by (seed, split, j): sub-category = j mod 9, and the answer
@@ -12,8 +12,10 @@ cycles through a seeded permutation of the sub-category's answers, so answers ar
 every sub-category and every prefix of the dataset is balanced too. Choices are the whole answer
 space in a shuffled order, so question text and choices alone give chance.
 
-Signals are designed to be separable on a Whisper-style 64-bin log-mel (n_fft 400, hop 160): tones
-and notes sit in 400-4000 Hz, beeps are >= 150 ms apart, and easy items have big contrasts.
+Signals are designed to be separable on a Whisper-style 64-bin log-mel (n_fft 400, hop 160) and,
+except melody direction, to carry their cue in which frequencies sound rather than in the order of
+events: the tiny model learns such cues within the demo's minutes and never learned counting, tempo or
+loudness trends (version 1; data_prep/synth.md has the measurements).
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from scipy.signal import lfilter
+from scipy.signal import butter, lfilter, sosfilt
 
 from audio_rft import UserError
 from audio_rft.data.audio import SAMPLE_RATE as SR
 from audio_rft.data.dataset import DatasetWriter
 from audio_rft.data.schema import Sample
 
-VERSION = 1
+VERSION = 2
 LEVELS = ("easy", "medium", "hard")
 SNR_DB = (30.0, 18.0, 9.0)  # white noise per level; the test split is 3 dB noisier
 MAX_SECONDS = 4.0  # the tiny model's audio window
@@ -85,14 +87,20 @@ def _resonate(x: np.ndarray, freq: float, bw: float) -> np.ndarray:
     return lfilter([1 - b - c], [1, -b, -c], x)
 
 
-def _vowel(rng, vowel: str, f0: float, seconds: float, scale: float = 1.0, centre: float = 0.0) -> np.ndarray:
-    """One sustained vowel: F0 with declination and vibrato; formants scaled for the speaker's size."""
+def _vowel(rng, vowel: str, f0: float, seconds: float, scale: float = 1.0, centre: float = 0.0,
+           voicing: float = 1.0, breath: float = 0.0) -> np.ndarray:
+    """One sustained vowel: F0 with declination and vibrato; formants scaled for the speaker's size.
+
+    The source is `voicing` x the glottal pulse train + `breath` x noise (a whisper is voicing 0)."""
     n = _n(seconds)
     t = np.arange(n) / SR
     f0s = f0 * np.linspace(1.04, 0.96, n) * (1 + 0.015 * np.sin(2 * np.pi * rng.uniform(4, 6) * t + rng.uniform(0, 6.3)))
     cycles = np.floor(np.cumsum(f0s) / SR)
-    pulses = np.diff(cycles, prepend=0.0) + 0.02 * rng.standard_normal(n)  # + a little aspiration
-    x = lfilter([1.0], [1, -0.96], pulses)  # glottal roll-off
+    pulses = np.diff(cycles, prepend=0.0)
+    noise = rng.standard_normal(n)
+    # Breath noise scaled to the pulses' power (plus the little aspiration every voice has).
+    x = voicing * pulses + (0.02 + breath * np.sqrt(np.mean(pulses ** 2))) * noise
+    x = lfilter([1.0], [1, -0.96], x)  # glottal roll-off
     formants = (1 - centre) * np.array(VOWELS[vowel]) + centre * SCHWA
     for f, bw in zip([*formants * scale, 3500 * scale], (80, 100, 140, 200)):
         x = _resonate(x, f, bw)
@@ -101,31 +109,37 @@ def _vowel(rng, vowel: str, f0: float, seconds: float, scale: float = 1.0, centr
 
 # ---------------------------------------------------------------- generators, one per sub-category
 
-def beep_count(rng, ans, lvl, test):
-    k = NUM.index(ans)
+def noise_type(rng, ans, lvl, test):
+    n = _n(rng.uniform(2.0, 4.0))
+    if ans == "hum":  # a low harmonic buzz: lines in the spectrum, where a rumble is smooth
+        f0 = rng.uniform(*[(90, 130), (130, 180), (180, 240)][lvl]) * (1.05 if test else 1.0)
+        x = _tone(f0, n, tuple(0.7 ** k for k in range(12)))
+    else:  # hard: the cut-offs close in on each other
+        cutoff = {"hiss": (4000, 2800, 2000), "rumble": (300, 500, 800)}[ans][lvl] * rng.uniform(0.9, 1.1)
+        cutoff *= (0.9 if ans == "hiss" else 1.1) if test else 1.0
+        x = sosfilt(butter(4, cutoff, "highpass" if ans == "hiss" else "lowpass", fs=SR, output="sos"),
+                    rng.standard_normal(n))
+    words = {"hiss": "A high, airy hiss of noise.", "rumble": "A deep, smooth rumble of noise.",
+             "hum": "A low buzzing hum with a clear pitch."}
+    return _fade(x / (np.abs(x).max() + 1e-9), 30), words[ans]
+
+
+def sound_event(rng, ans, lvl, test):
     dur = rng.uniform(2.5, 4.0)
-    blen = rng.uniform(0.10, 0.12)
-    gaps = rng.uniform(*[(0.25, 0.35), (0.18, 0.26), (0.15, 0.19)][lvl]) * rng.uniform(1, 1 + 0.1 * lvl, k - 1)
-    freq = rng.uniform(700, 1400) * (1.25 if test else 1.0)
-    clip, t = np.zeros(_n(dur)), rng.uniform(0.1, dur - k * blen - gaps.sum() - 0.1)
-    for gap in [*gaps, 0.0]:  # evenly spaced; hard: uneven gaps and levels
-        _put(clip, rng.uniform(1 - 0.25 * lvl, 1.0) * _fade(_tone(freq, _n(blen))), t)
-        t += blen + gap
-    return clip, f"I hear {ans} separate beeps."
-
-
-def loudness_trend(rng, ans, lvl, test):
-    n = _n(rng.uniform(3.0, 4.0))
-    change = rng.uniform(*[(20, 28), (12, 18), (7, 10)][lvl]) * (0.9 if test else 1.0)  # dB over the clip
-    db = {"getting louder": np.linspace(-change, 0, n), "getting quieter": np.linspace(0, -change, n),
-          "staying the same": np.zeros(n)}[ans]
-    if lvl == 2:  # a slow wobble on every class
-        db = db + 2.0 * np.sin(2 * np.pi * rng.uniform(0.5, 1.5) * np.arange(n) / SR + rng.uniform(0, 6.3))
-    x = _tone(rng.uniform(300, 1000) * (1.3 if test else 1.0), n, (1.0, 0.5, 0.25))
-    words = {"getting louder": "The sound grows from soft to loud.",
-             "getting quieter": "The sound fades from loud to soft.",
-             "staying the same": "The sound keeps the same volume throughout."}
-    return _fade(x * 10 ** (db / 20), 20), words[ans]
+    n = _n(dur)
+    centre = rng.uniform(700, 1600) * (1.1 if test else 1.0)
+    if ans == "a noise burst":  # band-limited noise around the centre, about an octave wide
+        band = sorted([centre / 1.5, centre * 1.5])
+        x = sosfilt(butter(4, band, "bandpass", fs=SR, output="sos"), rng.standard_normal(n))
+    else:  # the siren wails around the centre; hard: a shallow wail close to a steady tone
+        depth = (0.5, 0.3, 0.15)[lvl] if ans == "a siren" else 0.0  # octaves
+        t = np.arange(n) / SR
+        x = _tone(centre * 2 ** (depth * np.sin(2 * np.pi * rng.uniform(0.6, 1.5) * t + rng.uniform(0, 6.3))), n,
+                  (1.0, 0.3))
+    words = {"a steady tone": "One tone that holds the same pitch.",
+             "a siren": "A tone that wails up and down in pitch.",
+             "a noise burst": "A rushing burst of noise with no clear pitch."}
+    return _fade(x / (np.abs(x).max() + 1e-9), 20), words[ans]
 
 
 def tone_pitch(rng, ans, lvl, test):
@@ -138,17 +152,16 @@ def tone_pitch(rng, ans, lvl, test):
     return clip, f"A steady tone, {ans} in pitch."
 
 
-def tempo(rng, ans, lvl, test):
-    ranges = {"slow": [(50, 70), (62, 80), (78, 92)], "fast": [(170, 220), (140, 165), (118, 132)]}
-    period = 60 / (rng.uniform(*ranges[ans][lvl]) * (1.04 if test else 1.0))
-    dur = rng.uniform(3.5, 4.0)
-    t = np.arange(_n(0.08)) / SR  # a woodblock-like knock: tonal, so click density shows in its band
-    click = _tone(rng.uniform(1500, 2500) * (0.8 if test else 1.0), len(t), (1.0, 0.3)) * np.exp(-t / 0.025)
-    clip = np.zeros(_n(dur))
-    for start in np.arange(rng.uniform(0.05, 0.3), dur - 0.08, period):
-        _put(clip, _fade(click, 2), start)
-    words = {"slow": "The clicks are far apart: a slow beat.", "fast": "The clicks come quickly: a fast beat."}
-    return clip, words[ans]
+def chord(rng, ans, lvl, test):
+    f0 = rng.uniform(220, 440) * (1.1 if test else 1.0)
+    # A major or minor triad (hard: a bare fifth); the upper notes are quieter as it gets harder.
+    steps = [0] if ans == "a single note" else [[0, 4, 7], [0, 3, 7]][int(rng.integers(2))] if lvl < 2 else [0, 7]
+    n = _n(rng.uniform(2.0, 4.0))
+    x = sum((1.0 if i == 0 else (1.0, 0.7, 0.5)[lvl]) * _tone(f0 * 2 ** (s / 12), n, (1.0, 0.5, 0.33, 0.25, 0.2))
+            for i, s in enumerate(steps))
+    words = {"a single note": "Only one note sounds at a time.",
+             "a chord": f"{NUM[len(steps)].capitalize()} notes sound together."}
+    return _fade(x / (np.abs(x).max() + 1e-9), 20), words[ans]
 
 
 def melody_direction(rng, ans, lvl, test):
@@ -224,37 +237,40 @@ def voice_pitch(rng, ans, lvl, test):
     return clip, words[ans]
 
 
-def speaker_count(rng, ans, lvl, test):
-    f0 = rng.uniform(95, 150) * (1.05 if test else 1.0)
-    scale = rng.uniform(0.95, 1.1)
-    voices = [(f0, scale)]
-    if ans == "two":
-        ratio = rng.uniform(*[(1.8, 2.1), (1.55, 1.75), (1.35, 1.5)][lvl])
-        voices.append((f0 * ratio, scale * rng.uniform(1.05, 1.15)))
-    words = {"one": "Every syllable has the same voice pitch.", "two": "Two voices take turns, one low, one high."}
-    return _syllables(rng, voices, test), words[ans]
+def phonation(rng, ans, lvl, test):
+    f0, scale = _voice(rng, bool(rng.integers(2)), 0, test)
+    dur = rng.uniform(2.0, 4.0)
+    seconds = rng.uniform(0.8, min(2.0, dur - 0.2))
+    # Whispered: breath noise through the same vocal tract, no pitch. Harder: more breath in the voiced
+    # vowel and a trace of voicing in the whisper.
+    breath = (0.0, 0.3, 0.6)[lvl] if ans == "voiced" else 1.0
+    voicing = 1.0 if ans == "voiced" else (0.0, 0.1, 0.2)[lvl]
+    clip = np.zeros(_n(dur))
+    x = _vowel(rng, str(rng.choice(list(VOWELS))), f0, seconds, scale, voicing=voicing, breath=breath)
+    _put(clip, x, rng.uniform(0.05, dur - seconds - 0.05))
+    words = {"voiced": "A clear vowel with a steady voice pitch.", "whispered": "A breathy whisper with no voice pitch."}
+    return clip, words[ans]
 
 
 # ---------------------------------------------------------------- the table
 
 # name: (task, category, generator, answers, train phrasings, held-out test phrasings)
 SUBS = {
-    "beep_count": ("sound", "counting", beep_count, ["two", "three", "four", "five"], [
-        "How many beeps are in the recording?",
-        "Count the beeps. How many do you hear?",
-        "How many times does the beep sound?",
+    "noise_type": ("sound", "sound texture", noise_type, ["hiss", "rumble", "hum"], [
+        "What kind of noise is this?",
+        "Is this sound a hiss, a rumble or a hum?",
+        "Which word best describes this noise?",
     ], [
-        "What is the number of beeps in this clip?",
-        "How many separate beep sounds occur?",
+        "How would you characterise the texture of this noise?",
+        "The recording contains which type of noise?",
     ]),
-    "loudness_trend": ("sound", "temporal reasoning", loudness_trend,
-                       ["getting louder", "getting quieter", "staying the same"], [
-        "How does the loudness of the sound change over time?",
-        "Is the sound getting louder, getting quieter, or staying the same?",
-        "What happens to the volume as the clip plays?",
+    "sound_event": ("sound", "sound events", sound_event, ["a steady tone", "a siren", "a noise burst"], [
+        "What kind of sound event is this?",
+        "Which of these sounds do you hear?",
+        "What is making this sound?",
     ], [
-        "Describe how the sound's volume evolves during the recording.",
-        "Over the clip, what does the level of the sound do?",
+        "Identify the sound in the recording.",
+        "Which best describes the sound event in this clip?",
     ]),
     "tone_pitch": ("sound", "acoustic perception", tone_pitch, ["high", "low"], [
         "Is the tone high or low in pitch?",
@@ -264,13 +280,13 @@ SUBS = {
         "How would you describe the pitch of this sound?",
         "Is the sound a high note or a low note?",
     ]),
-    "tempo": ("music", "rhythm", tempo, ["slow", "fast"], [
-        "Is the tempo of the clicks slow or fast?",
-        "How fast is the beat?",
-        "What is the tempo of this rhythm?",
+    "chord": ("music", "harmony", chord, ["a single note", "a chord"], [
+        "Is this a single note or a chord?",
+        "Does one note sound, or several at once?",
+        "How many notes are played at the same time: one, or a chord?",
     ], [
-        "Would you call the pace of these clicks slow or fast?",
-        "How quickly do the beats follow each other?",
+        "Is the music here one note or a chord?",
+        "Do you hear a chord or a single note?",
     ]),
     "melody_direction": ("music", "melody", melody_direction, ["ascending", "descending"], [
         "Does the melody go up or down?",
@@ -304,13 +320,13 @@ SUBS = {
         "Based on how high the voice is, which describes the speaker?",
         "Which best describes the pitch of this speaker's voice?",
     ]),
-    "speaker_count": ("speech", "counting", speaker_count, ["one", "two"], [
-        "How many different speakers are there?",
-        "How many distinct voices do you hear?",
-        "Is this one speaker or two?",
+    "phonation": ("speech", "voice quality", phonation, ["voiced", "whispered"], [
+        "Is the vowel voiced or whispered?",
+        "Does the speaker whisper or use their voice?",
+        "Is this voice whispered or voiced?",
     ], [
-        "How many people take part in this recording?",
-        "Count the different voices in the clip.",
+        "How is the vowel produced: voiced or whispered?",
+        "Is the speaker whispering?",
     ]),
 }
 NAMES = list(SUBS)
