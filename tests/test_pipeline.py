@@ -282,6 +282,18 @@ def test_demo_pipeline_is_the_default_and_resolves(tmp_path):
     assert pipe.stage("warmup").config.prompt_mode == "mixed"
 
 
+@pytest.mark.slow
+def test_the_demo_meets_its_margins(tmp_path):
+    """The whole demo (about 9 minutes on 2 cores): GRPO at least 10 points above the base on average, and
+    the no-audio control at least 10 below GRPO (issue 7). Its wall time is measured in docs, not here."""
+    done = subprocess.run(command("--out", str(tmp_path / "demo")), capture_output=True, text=True, timeout=3600,
+                          env={**ENV, "OMP_NUM_THREADS": "2"}, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    average = {name: acc["average"] for name, acc in accuracies(tmp_path / "demo").items()}
+    assert average["grpo"] >= average["base"] + 10, average
+    assert average["grpo-no-audio"] <= average["grpo"] - 10, average
+
+
 # ---------------------------------------------------------------- bad pipelines: one-line errors
 
 
