@@ -63,6 +63,16 @@ def _fade(x: np.ndarray, ms: float = 10.0) -> np.ndarray:
     return x
 
 
+def _peak_faded(x: np.ndarray, ms: float) -> np.ndarray:
+    """Scaled to peak 1, with `ms` fades: the mix level is set later, per item."""
+    return _fade(x / (np.abs(x).max() + 1e-9), ms)
+
+
+def _filtered_noise(rng, n: int, cutoff, btype: str) -> np.ndarray:
+    """White noise through a 4th-order Butterworth (`btype` "highpass", "lowpass" or "bandpass")."""
+    return sosfilt(butter(4, cutoff, btype, fs=SR, output="sos"), rng.standard_normal(n))
+
+
 def _put(clip: np.ndarray, x: np.ndarray, t: float) -> None:
     i = _n(t)
     clip[i:i + len(x)] += x[: len(clip) - i]
@@ -104,7 +114,7 @@ def _vowel(rng, vowel: str, f0: float, seconds: float, scale: float = 1.0, centr
     formants = (1 - centre) * np.array(VOWELS[vowel]) + centre * SCHWA
     for f, bw in zip([*formants * scale, 3500 * scale], (80, 100, 140, 200)):
         x = _resonate(x, f, bw)
-    return _fade(x / (np.abs(x).max() + 1e-9), 30)
+    return _peak_faded(x, 30)
 
 
 # ---------------------------------------------------------------- generators, one per sub-category
@@ -117,11 +127,10 @@ def noise_type(rng, ans, lvl, test):
     else:  # hard: the cut-offs close in on each other
         cutoff = {"hiss": (4000, 2800, 2000), "rumble": (300, 500, 800)}[ans][lvl] * rng.uniform(0.9, 1.1)
         cutoff *= (0.9 if ans == "hiss" else 1.1) if test else 1.0
-        x = sosfilt(butter(4, cutoff, "highpass" if ans == "hiss" else "lowpass", fs=SR, output="sos"),
-                    rng.standard_normal(n))
+        x = _filtered_noise(rng, n, cutoff, "highpass" if ans == "hiss" else "lowpass")
     words = {"hiss": "A high, airy hiss of noise.", "rumble": "A deep, smooth rumble of noise.",
              "hum": "A low buzzing hum with a clear pitch."}
-    return _fade(x / (np.abs(x).max() + 1e-9), 30), words[ans]
+    return _peak_faded(x, 30), words[ans]
 
 
 def sound_event(rng, ans, lvl, test):
@@ -130,7 +139,7 @@ def sound_event(rng, ans, lvl, test):
     centre = rng.uniform(700, 1600) * (1.1 if test else 1.0)
     if ans == "a noise burst":  # band-limited noise around the centre, about an octave wide
         band = sorted([centre / 1.5, centre * 1.5])
-        x = sosfilt(butter(4, band, "bandpass", fs=SR, output="sos"), rng.standard_normal(n))
+        x = _filtered_noise(rng, n, band, "bandpass")
     else:  # the siren wails around the centre; hard: a shallow wail close to a steady tone
         depth = (0.5, 0.3, 0.15)[lvl] if ans == "a siren" else 0.0  # octaves
         t = np.arange(n) / SR
@@ -139,7 +148,7 @@ def sound_event(rng, ans, lvl, test):
     words = {"a steady tone": "One tone that holds the same pitch.",
              "a siren": "A tone that wails up and down in pitch.",
              "a noise burst": "A rushing burst of noise with no clear pitch."}
-    return _fade(x / (np.abs(x).max() + 1e-9), 20), words[ans]
+    return _peak_faded(x, 20), words[ans]
 
 
 def tone_pitch(rng, ans, lvl, test):
@@ -161,7 +170,7 @@ def chord(rng, ans, lvl, test):
             for i, s in enumerate(steps))
     words = {"a single note": "Only one note sounds at a time.",
              "a chord": f"{NUM[len(steps)].capitalize()} notes sound together."}
-    return _fade(x / (np.abs(x).max() + 1e-9), 20), words[ans]
+    return _peak_faded(x, 20), words[ans]
 
 
 def melody_direction(rng, ans, lvl, test):
