@@ -8,7 +8,7 @@ when computing the log-probs the loss needs. Logits are computed only at complet
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +75,10 @@ def encode_prompts(processor, samples: list[Sample], waveforms: list[np.ndarray]
     return batch
 
 
+def _tower_trains(core) -> bool:
+    return any(p.requires_grad for p in core.model.audio_tower.parameters())
+
+
 def encode_audio(core, batch: PromptBatch) -> torch.Tensor:
     """The audio tower's last hidden state for every clip (padded frames masked out of attention)."""
     from transformers.masking_utils import create_bidirectional_mask
@@ -87,18 +91,16 @@ def encode_audio(core, batch: PromptBatch) -> torch.Tensor:
     valid = (torch.arange(frames, device=device)[None, :] < feature_lengths[:, None]).long()
     mask = create_bidirectional_mask(config=tower.config, inputs_embeds=torch.zeros(len(batch), frames, 1, dtype=dtype,
                                      device=device), attention_mask=valid)
-    trainable_tower = any(p.requires_grad for p in tower.parameters())
-    with torch.set_grad_enabled(torch.is_grad_enabled() and trainable_tower):
+    with torch.set_grad_enabled(torch.is_grad_enabled() and _tower_trains(core)):
         return tower(batch.input_features.to(dtype), attention_mask=mask).last_hidden_state
 
 
 def with_audio_encoded(core, batch: PromptBatch) -> PromptBatch:
     """The batch with its audio tower output attached, when the tower is frozen (else unchanged)."""
-    if any(p.requires_grad for p in core.model.audio_tower.parameters()):
+    if _tower_trains(core):
         return batch
     with torch.no_grad():
-        return PromptBatch(batch.input_ids, batch.attention_mask, batch.input_features, batch.feature_attention_mask,
-                           encode_audio(core, batch))
+        return replace(batch, audio_hidden=encode_audio(core, batch))
 
 
 def prompt_embeddings(core, batch: PromptBatch) -> torch.Tensor:
