@@ -225,17 +225,17 @@ def step_flops(shapes: dict, prompt_tokens: int, audio_frames: int, G: int, L: i
 class OursStep:
     """audio-rft's GRPO step, built from the same functions train_grpo uses (LoRA, β = 0.04 via disable_adapter)."""
 
-    def __init__(self, model_dir: str, G: int, seed: int = 0, lr: float = 1e-5):
-        from audio_rft.model import core_model
-        from audio_rft.train.common import make_optimizer, setup_model
+    def __init__(self, model_dir: str, G: int, seed: int = 0, lr: float = 1e-5, strategy: str = "none"):
+        from audio_rft.train.common import optimizer_factory, setup_model
+        from audio_rft.train.engine import build_engine, process_layout, resolve_strategy
         from audio_rft.train.grpo import GRPOConfig, build_reward_fns
 
         self.config = GRPOConfig(model=str(model_dir), data="-", out="-", lora=True, device="cpu", lr=lr,
-                                 num_generations=G, beta=0.04, batch_size=1, grad_accum=1, seed=seed)
-        self.processor, self.model = setup_model(self.config, device="cpu")
-        self.core = core_model(self.model)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer, self.scheduler = make_optimizer(self.model, self.config, 10_000)
+                                 num_generations=G, beta=0.04, batch_size=1, grad_accum=1, seed=seed, strategy=strategy)
+        layout = process_layout(self.config)
+        resolved = resolve_strategy(strategy, layout.world)
+        self.processor, model, compute = setup_model(self.config, layout, resolved)
+        self.engine = build_engine(self.config, layout, model, compute, optimizer_factory(self.config, 10_000), False)
         self.reward_fns, self.weights = build_reward_fns(self.config)
         self.G, self.seed = G, seed
 
@@ -243,37 +243,35 @@ class OursStep:
         import torch
 
         from audio_rft.rollout import completion_logprobs, decode, encode_prompts, sample as draw
-        from audio_rft.train.common import grad_norm_and_clip
         from audio_rft.train.grpo import group_advantages, grpo_loss, prompt_generators, score_completions
 
-        G, core, times = self.G, self.core, {}
+        G, engine, core, times = self.G, self.engine, self.engine.core, {}
         clock = time.perf_counter()
-        batch = encode_prompts(self.processor, [sample], [wave], "answer").to(core.device)
+        batch = encode_prompts(self.processor, [sample], [wave], "answer").to(engine.layout.device)
         core.eval()
         with no_stop_tokens():
-            ids, mask = draw(core, self.processor, batch, G, L, 1.0, 1.0, prompt_generators(self.seed, step, [0]))
+            ids, mask = engine.run(draw, self.processor, batch, G, L, 1.0, 1.0, prompt_generators(self.seed, step, [0]),
+                                   engine.all_done)
         texts = decode(self.processor, ids, mask)
         parts = score_completions(texts, [sample] * G, self.reward_fns)
         reward = sum(self.weights[name] * value for name, value in parts.items())
         advantages = group_advantages(reward, G)
         times["rollout"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        with torch.no_grad(), self.model.disable_adapter():
-            ref = completion_logprobs(core, batch, ids, G, shared_prefix=True)
+        with torch.no_grad():
+            ref = engine.run_reference(completion_logprobs, batch, ids, G)
         times["reference"] = time.perf_counter() - clock
         clock = time.perf_counter()
         core.train()
-        logprobs = completion_logprobs(core, batch, ids, G, shared_prefix=True)
+        logprobs = engine.run(completion_logprobs, batch, ids, G)
         loss, _ = grpo_loss(logprobs, None, ref, advantages, mask, 0.04, 0.2, 0.2, "sequence", L)
         times["policy_forward"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        loss.backward()
+        engine.backward(loss)
         times["backward"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        grad_norm_and_clip(self.params, 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        engine.clip_gradients(1.0)
+        engine.optimizer_step(True)
         times["optimizer"] = time.perf_counter() - clock
         return {"times": times, "completion_tokens": int(mask.sum()), "shape": list(ids.shape),
                 "prompt_tokens": int(batch.input_ids.shape[1]), "loss": float(loss.detach())}

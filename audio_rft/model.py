@@ -249,6 +249,20 @@ def set_full_finetune(model: torch.nn.Module, train_projector: bool = False, tra
             param.requires_grad_(True)
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder and encoder layer in backward instead of keeping its activations.
+
+    Our passes keep the shared-prefix path under checkpointing (rollout.completion_logprobs): the
+    decoder layers get the prompt's cache read-only (rollout.ReadOnlyPrefix), which transformers
+    lets a checkpointed layer keep only when the layer says its recomputation reads the same states.
+    """
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    for layer in core_model(model).model.language_model.layers:
+        layer._can_checkpoint_with_cache = True
+
+
 def core_model(model: torch.nn.Module):
     """The Qwen2AudioForConditionalGeneration inside a PeftModel (LoRA layers stay injected)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model

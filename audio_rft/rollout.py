@@ -8,12 +8,15 @@ when computing the log-probs the loss needs. Logits are computed only at complet
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import DynamicLayer
 
 from audio_rft.data.audio import read_wav
 from audio_rft.data.dataset import resolve_audio
@@ -150,14 +153,15 @@ def stop_ids(core, processor) -> list[int]:
 
 @torch.no_grad()
 def sample(core, processor, batch: PromptBatch, num_generations: int = 1, max_new_tokens: int = 32,
-           temperature: float = 0.0, top_p: float = 1.0, generators: list[torch.Generator] | None = None
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+           temperature: float = 0.0, top_p: float = 1.0, generators: list[torch.Generator] | None = None,
+           all_done: Callable[[bool], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample `num_generations` completions per prompt (greedy at temperature 0) from one prefill.
 
     Sampling is Gumbel-max with noise drawn from one generator per prompt, so a prompt's completions
     depend only on its own seed and logits: not on which other prompts share its batch or process.
     Returns completion ids (B*G, L) grouped by prompt, and a mask that is 1 up to and including the
-    first stop token (padding after it is 0).
+    first stop token (padding after it is 0). `all_done` turns "this batch is done" into "every rank is
+    done": under sharding each decode step gathers parameters collectively, so all ranks step together.
     """
     eos = torch.tensor(stop_ids(core, processor), device=batch.input_ids.device)
     pad_id = processor.tokenizer.pad_token_id
@@ -184,7 +188,8 @@ def sample(core, processor, batch: PromptBatch, num_generations: int = 1, max_ne
         tokens.append(token)
         alive.append(~finished)
         finished = finished | torch.isin(token, eos)
-        if bool(finished.all()):
+        done = bool(finished.all())
+        if all_done(done) if all_done is not None else done:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         out = core.model.language_model(inputs_embeds=embed(token[:, None]), attention_mask=mask,
@@ -208,9 +213,12 @@ def completion_logprobs(core, batch: PromptBatch, completion_ids: torch.Tensor, 
     GRPO passes its sampling temperature, so the policy it scores is the one it sampled from; at T=1
     scoring samples drawn at T=0.7 gives a biased gradient that sharpens the policy without learning.
 
-    With `shared_prefix` the prompt is prefilled once and its cache repeated G times (gradients flow
-    through it); without (needed under gradient checkpointing, which drops caches) the prompt
-    embeddings are repeated and the whole sequence runs at once. Both give the same numbers.
+    With `shared_prefix` (what training uses) the prompt is prefilled once and its cache repeated G
+    times, gradients flowing through it; under gradient checkpointing too: the prefill runs without
+    checkpointing (one prompt's activations, not G), and each decoder layer of the completion pass is
+    checkpointed with the prefix handed to it read-only, so its recomputation sees the same keys and
+    values. Without `shared_prefix` the prompt embeddings are repeated and the whole sequence runs at
+    once: the plain reference the tests compare with. Both give the same numbers.
     """
     embeds = prompt_embeddings(core, batch)
     prompt_mask = batch.attention_mask.repeat_interleave(num_generations, 0)
@@ -219,7 +227,10 @@ def completion_logprobs(core, batch: PromptBatch, completion_ids: torch.Tensor, 
     positions = _positions(full_mask)
     lm = core.model.language_model
     if shared_prefix:
-        last, cache = prefill(core, embeds, batch.attention_mask, num_generations)
+        with _layer_checkpointing_off(lm):
+            last, cache = prefill(core, embeds, batch.attention_mask, num_generations)
+        for layer in cache.layers:  # see ReadOnlyPrefix: the completion pass must not grow the prefix cache
+            layer.__class__ = ReadOnlyPrefix
         out = lm(inputs_embeds=completion_embeds, attention_mask=full_mask,
                  position_ids=positions[:, prompt_mask.shape[1]:], past_key_values=cache, use_cache=True)
         hidden = torch.cat([last[:, None], out.last_hidden_state[:, :-1]], dim=1)
@@ -228,6 +239,32 @@ def completion_logprobs(core, batch: PromptBatch, completion_ids: torch.Tensor, 
         out = lm(inputs_embeds=sequence, attention_mask=full_mask, position_ids=positions, use_cache=False)
         hidden = out.last_hidden_state[:, prompt_mask.shape[1] - 1: -1]
     return token_logprobs(core.lm_head, hidden, completion_ids, chunk, temperature)
+
+
+class ReadOnlyPrefix(DynamicLayer):
+    """One layer's cached prompt keys/values that a forward reads but never extends.
+
+    transformers' DynamicLayer appends each forward's keys to the cache in place; a checkpointed layer
+    recomputed in backward would then attend to its completion twice. This one returns prefix + new
+    and keeps the prefix as it is, so a recomputation reads exactly what the forward read
+    (model.enable_gradient_checkpointing lets checkpointed decoder layers take such a cache).
+    """
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+@contextmanager
+def _layer_checkpointing_off(lm):
+    """Run the prefill as a plain forward: it writes the cache, which a recomputation would write twice."""
+    layers = [m for m in lm.modules() if getattr(m, "gradient_checkpointing", False)]
+    for layer in layers:
+        layer.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.gradient_checkpointing = True
 
 
 def token_logprobs(head, hidden: torch.Tensor, ids: torch.Tensor, chunk: int = 4096,

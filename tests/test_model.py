@@ -348,6 +348,48 @@ def test_completion_logprobs_gradients_same_with_and_without_shared_prefix(rollo
         torch.testing.assert_close(shared[name], full[name], atol=1e-5 * scale, rtol=1e-4)
 
 
+def test_gradient_checkpointing_keeps_one_prefill_per_prompt_and_the_same_gradient(tiny_model, synth_data):
+    """Under gradient checkpointing the policy pass still prefills each prompt once (not G times), and its
+    gradient equals the uncheckpointed shared-prefix path's."""
+    from audio_rft.model import enable_gradient_checkpointing
+
+    processor, model = load_tiny(tiny_model)
+    model = add_lora(model, rank=4, dropout=0.0)
+    perturb_lora(model, seed=3, scale=0.2)
+    core = core_model(model)
+    folder = synth_data / "train"
+    batch = prompt_batch(processor, folder, samples_of(folder, ids=[0, 1, 2]))
+    G, L = 4, 5
+    completions = torch.randint(len(SPECIAL_TOKENS), len(processor.tokenizer), (len(batch) * G, L),
+                                generator=torch.Generator().manual_seed(11))
+    weights = torch.linspace(-1, 1, completions.numel()).view_as(completions)
+    mlp = core.model.language_model.layers[0].mlp  # inside the checkpointed forward: it sees the recomputation
+
+    def gradient(checkpointing: bool) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        model.train()
+        shapes = []
+        hook = mlp.register_forward_pre_hook(lambda _, args: shapes.append(tuple(args[0].shape[:2])))
+        try:
+            model.zero_grad(set_to_none=True)
+            (completion_logprobs(core, batch, completions, G) * weights).sum().backward()
+        finally:
+            hook.remove()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, shapes
+
+    plain, plain_shapes = gradient(False)
+    checkpointed, shapes = gradient(True)
+    P = batch.input_ids.shape[1]
+    assert plain_shapes == [(len(batch), P), (len(batch) * G, L)]
+    # the prefill once per prompt, the completion pass, and its recomputation in backward: never G x (P + L)
+    assert shapes == [(len(batch), P), (len(batch) * G, L), (len(batch) * G, L)]
+    assert any(g.abs().sum() > 0 for g in plain.values())
+    scale = max(float(g.abs().max()) for g in plain.values())
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6 * scale, rtol=1e-5)
+
+
 def test_audio_encoded_once_gives_the_same_samples_logprobs_and_selection(rollout_setup):
     """GRPO runs a frozen encoder once per step and reuses its output: nothing may change by it."""
     processor, _, core, _, _, batch = rollout_setup

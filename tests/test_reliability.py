@@ -115,6 +115,29 @@ def assert_same_tensors(a: Path, b: Path) -> None:
     assert not different, f"tensors differ after resume: {different[:5]}"
 
 
+def training_state(checkpoint: Path) -> dict:
+    """A checkpoint's training state (torch.distributed.checkpoint format), flattened to dotted keys."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    target = checkpoint.parent / f"{checkpoint.name}-state.pt"
+    dcp_to_torch_save(checkpoint / "training_state" / "dcp", target)
+    flat = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), inner)
+        elif isinstance(value, list):
+            for i, inner in enumerate(value):
+                walk(f"{prefix}.{i}", inner)
+        else:
+            flat[prefix] = value
+
+    walk("", torch.load(target, weights_only=False))
+    target.unlink()
+    return flat
+
+
 def metric_lines(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
@@ -199,7 +222,7 @@ def plant_half_checkpoints(out: Path, whole: Path, steps: int) -> list[Path]:
         elif damage == "no-marker":
             (half / COMPLETE).unlink()
         else:
-            flip_byte(half / "training_state" / "optimizer.pt")
+            flip_byte(half / "training_state" / "dcp" / "__0_0.distcp")
         planted.append(half)
     return planted
 
@@ -319,11 +342,10 @@ def check_sft_equal(out: Path, reference: Path) -> None:
     assert_same_tensors(out / "final" / "adapter_model.safetensors", reference / "final" / "adapter_model.safetensors")
     same_numbers(metric_lines(out), metric_lines(reference), ("loss", "grad_norm", "lr"))
     for n in (4,):  # the last checkpoint kept carries the same optimizer state
-        a = torch.load(out / f"checkpoint-{n}" / "training_state" / "optimizer.pt", weights_only=True)
-        b = torch.load(reference / f"checkpoint-{n}" / "training_state" / "optimizer.pt", weights_only=True)
-        for key in b["state"]:
-            for name, value in b["state"][key].items():
-                assert torch.equal(a["state"][key][name], value)
+        a, b = training_state(out / f"checkpoint-{n}"), training_state(reference / f"checkpoint-{n}")
+        assert a.keys() == b.keys() and any(key.startswith("optimizer.state.") for key in a)
+        for key in b:
+            assert torch.equal(a[key], b[key]) if torch.is_tensor(b[key]) else a[key] == b[key], key
     assert (out / "run.json").is_file()
 
 
@@ -488,8 +510,8 @@ def test_half_written_checkpoint_is_never_taken_for_whole(sft_reference, tmp_pat
     variant(3, lambda p: (p / COMPLETE).unlink())                                    # marker not yet written
     variant(4, lambda p: (p / COMPLETE).write_text('{"step": 4, "fi'))              # marker cut short
     variant(5, lambda p: (p / "adapter_model.safetensors").write_bytes(b""))        # weights empty
-    variant(6, lambda p: (p / "training_state" / "optimizer.pt").unlink())           # a listed file missing
-    variant(7, lambda p: flip_byte(p / "training_state" / "rng.pt"))                  # same size, one byte off
+    variant(6, lambda p: (p / "training_state" / "scheduler.pt").unlink())           # a listed file missing
+    variant(7, lambda p: flip_byte(p / "training_state" / "rng-0.pt"))                # same size, one byte off
     # a temporary folder of an interrupted save is not a checkpoint either
     shutil.copytree(whole, out / ".checkpoint-8.123-abcdefgh.tmp")
     assert [n for n, _ in checkpoint_dirs(out)] == [2, 3, 4, 5, 6, 7]
@@ -604,12 +626,12 @@ def test_failed_save_pretrained_is_a_checkpoint_error(base, monkeypatch, tmp_pat
 
     real = common.save_checkpoint
 
-    def save_checkpoint(path, model, *args, **kwargs):
+    def save_checkpoint(path, engine, *args, **kwargs):
         if path.name == "final":
             def full(*a, **k):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            monkeypatch.setattr(model, "save_pretrained", full)
-        return real(path, model, *args, **kwargs)
+            monkeypatch.setattr(engine.model, "save_pretrained", full)
+        return real(path, engine, *args, **kwargs)
 
     monkeypatch.setattr(common, "save_checkpoint", save_checkpoint)
     out = tmp_path / "sft"

@@ -14,16 +14,21 @@ import random
 import re
 import shutil
 import sys
-from dataclasses import dataclass
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from audio_rft import UserError
 from audio_rft.config import config_help, config_to_dict, load_config, option
 from audio_rft.fileio import atomic_dir, atomic_write_json, sha256_file
+from audio_rft.train.engine import (Engine, Layout, build_engine, describe, master_dtype, process_layout,
+                                    resolve_strategy)
 
 COMPLETE = "COMPLETE.json"
 STATE_DIR = "training_state"
@@ -56,7 +61,12 @@ class TrainConfig:
                                               "for building a base from scratch, as the demo's warm-up does)")
     dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), bf16, fp32")
     device: str = option("auto", "auto, cpu, cuda")
-    gradient_checkpointing: bool = option(False, "recompute activations in backward (GPU memory saver)")
+    gradient_checkpointing: bool = option(False, "recompute each layer's activations in backward (GPU memory saver; "
+                                                 "each prompt is still prefilled once for all its completions)")
+    strategy: str = option("auto", "auto (ddp when several processes run, else none), none, ddp, fsdp "
+                                   "(PyTorch FSDP2: weights, gradients and optimizer state sharded), deepspeed")
+    zero_stage: int = option(3, "DeepSpeed ZeRO stage for strategy=deepspeed: 2 (optimizer state and gradients "
+                                "sharded) or 3 (weights too)")
     save_every: int = option(100, "checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = option(3, "keep the newest N checkpoints (0: all)")
     eval_every: int = option(0, "held-out evaluation every N steps (0: off)")
@@ -64,7 +74,7 @@ class TrainConfig:
     eval_batch_size: int = option(32, "held-out evaluation batch size")
     log_every: int = option(1, "console/metrics logging interval")
     max_bad_steps: int = option(5, "stop after this many consecutive non-finite steps")
-    report_to: list[str] = option(["tensorboard"], "tensorboard and/or wandb (ignored when not installed)")
+    report_to: list[str] = option([], "also log to tensorboard and/or wandb (pip install 'audio-rft[tensorboard]' / wandb)")
     threads: int = option(0, "torch CPU threads (0: leave as is)")
 
 
@@ -105,15 +115,22 @@ def batch_indices(n: int, seed: int, step: int, micro: int, batch_size: int, gra
     return out
 
 
-def setup_model(config: TrainConfig, device: str | None = None):
-    """Load the base (and adapter), then make exactly the intended parameters trainable."""
-    from audio_rft.model import add_lora, count_parameters, load_model, set_full_finetune
+def setup_model(config: TrainConfig, layout: Layout, strategy: str):
+    """Load the base (and adapter), then make exactly the intended parameters trainable.
+
+    Returns the processor, the model and the compute dtype; the weights are loaded in engine.master_dtype
+    (fp32 where 16-bit training needs fp32 master weights)."""
+    from audio_rft.model import (add_lora, count_parameters, enable_gradient_checkpointing, load_model, pick_dtype,
+                                 set_full_finetune)
 
     if config.threads:
         torch.set_num_threads(config.threads)
     if config.lora and config.train_audio_encoder:
         raise UserError("train_audio_encoder=true needs lora=false (LoRA adapts only the language model)")
-    loaded = load_model(config.model, config.adapter, config.dtype, device or config.device, adapter_trainable=config.lora)
+    compute = pick_dtype(config.dtype, layout.device)
+    weights = master_dtype(compute, config.lora, strategy)
+    loaded = load_model(config.model, config.adapter, str(weights).removeprefix("torch."), str(layout.device),
+                        adapter_trainable=config.lora)
     model = loaded.model
     if config.lora and not hasattr(model, "peft_config"):
         model = add_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout,
@@ -123,22 +140,25 @@ def setup_model(config: TrainConfig, device: str | None = None):
             model = model.merge_and_unload()  # full fine-tuning from a LoRA warm-up: bake it in
         set_full_finetune(model, config.train_projector, config.train_audio_encoder)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
+        enable_gradient_checkpointing(model)
     total, trainable = count_parameters(model)
-    print(f"model: {total:,} parameters, {trainable:,} trainable ({'LoRA' if config.lora else 'full'})", file=sys.stderr)
-    return loaded.processor, model
+    if layout.main:
+        print(f"model: {total:,} parameters, {trainable:,} trainable ({'LoRA' if config.lora else 'full'})", file=sys.stderr)
+    return loaded.processor, model, compute
 
 
-def make_optimizer(model, config: TrainConfig, total_steps: int):
+def optimizer_factory(config: TrainConfig, total_steps: int):
+    """AdamW over the given parameters (or a prepared optimizer) and the learning-rate schedule over it."""
     from transformers import get_scheduler
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=config.warmup_steps,
-                              num_training_steps=total_steps)
-    return optimizer, scheduler
+    def make(params, optimizer=None):
+        if optimizer is None:
+            optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        scheduler = get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=config.warmup_steps,
+                                  num_training_steps=total_steps)
+        return optimizer, scheduler
+
+    return make
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -170,64 +190,50 @@ def latest_checkpoint(out: str | Path) -> Path | None:
     return None
 
 
-def _rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state()[1].tolist(),
-            "numpy_pos": int(np.random.get_state()[2])}
-
-
-def save_checkpoint(path: Path, model, processor, optimizer, scheduler, step: int, config: TrainConfig,
-                    metrics: dict[str, Any], generator: torch.Generator | None = None, final: bool = False) -> Path:
-    """Write weights + processor + model card (+ training state unless final) atomically."""
+@contextmanager
+def _checkpoint_dir(path: Path, layout: Layout, step: int) -> Iterator[Path]:
+    """A temporary folder every rank writes into; once all have written, rank 0 lists every file's checksum
+    in the COMPLETE marker and renames the folder into place (fileio.atomic_dir)."""
+    if not layout.main:
+        yield Path(layout.broadcast(None))
+        layout.barrier()
+        return
     with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        write_model_card(tmp, config, step, metrics)
-        if not final:
-            state = tmp / STATE_DIR
-            state.mkdir()
-            torch.save(optimizer.state_dict(), state / "optimizer.pt")
-            torch.save(scheduler.state_dict(), state / "scheduler.pt")
-            tensors = {"torch": torch.get_rng_state()}
-            if generator is not None:
-                tensors["sampler"] = generator.get_state()
-            torch.save(tensors, state / "rng.pt")
-            (state / "state.json").write_text(json.dumps({"step": step, "rng": _rng_state()}))
+        layout.broadcast(str(tmp))
+        yield tmp
+        layout.barrier()
         files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         (tmp / COMPLETE).write_text(json.dumps({"step": step, "files": files}, indent=1))
+
+
+def save_checkpoint(path: Path, engine: Engine, processor, step: int, config: TrainConfig,
+                    metrics: dict[str, Any], final: bool = False) -> Path:
+    """Weights + processor + model card that Hugging Face tools load (+ the training state unless final),
+    written atomically. Every rank calls it: under sharding the weights are gathered and each rank
+    writes its shard of the training state."""
+    weights = engine.full_weights(config.lora)
+    with _checkpoint_dir(path, engine.layout, step) as tmp:
+        if engine.layout.main:
+            engine.model.save_pretrained(tmp, **({} if weights is None else {"state_dict": weights}))
+            _plain_architecture(tmp)
+            processor.save_pretrained(tmp)
+            write_model_card(tmp, config, step, metrics)
+        if not final:
+            engine.save_state(tmp / STATE_DIR)
+            if engine.layout.main:
+                (tmp / STATE_DIR / "state.json").write_text(json.dumps({"step": step, "strategy": engine.strategy,
+                                                                       "processes": engine.layout.world}))
     return path
 
 
-def load_training_state(path: Path, optimizer, scheduler, generator: torch.Generator | None) -> int:
-    """Restore optimizer, scheduler and RNG; return the step the checkpoint was taken after."""
-    state = path / STATE_DIR
-    optimizer.load_state_dict(torch.load(state / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(state / "scheduler.pt", weights_only=True))
-    tensors = torch.load(state / "rng.pt", weights_only=True)
-    torch.set_rng_state(tensors["torch"])
-    if generator is not None and "sampler" in tensors:
-        generator.set_state(tensors["sampler"])
-    meta = json.loads((state / "state.json").read_text())
-    python_state = meta["rng"]["python"]
-    random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
-    np.random.set_state(("MT19937", np.array(meta["rng"]["numpy"], dtype=np.uint32), meta["rng"]["numpy_pos"]))
-    return int(meta["step"])
-
-
-def restore_weights(model, path: Path, lora: bool) -> None:
-    """Load a checkpoint's trainable weights into the in-memory model (strictly: nothing silently skipped)."""
-    if lora:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        result = set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
-        if getattr(result, "unexpected_keys", None):
-            raise UserError(f"{path}: adapter does not match the model ({result.unexpected_keys[:3]} ...)")
-    else:
-        from transformers import Qwen2AudioForConditionalGeneration
-
-        # save_pretrained may rename keys on disk; loading through from_pretrained maps them back.
-        saved = Qwen2AudioForConditionalGeneration.from_pretrained(str(path), dtype=next(model.parameters()).dtype)
-        model.load_state_dict(saved.state_dict(), strict=True)
+def _plain_architecture(folder: Path) -> None:
+    """FSDP2 renames the model's class (FSDPQwen2Audio...); the saved config names the real one."""
+    config = folder / "config.json"
+    if config.is_file():
+        data = json.loads(config.read_text())
+        if any(name.startswith("FSDP") for name in data.get("architectures") or []):
+            data["architectures"] = [name.removeprefix("FSDP") for name in data["architectures"]]
+            config.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def prune_checkpoints(out: Path, keep: int) -> None:
@@ -328,50 +334,34 @@ def atomic_write_text_lines(path: Path, lines: list[str]) -> None:
 
 
 class NonFiniteGuard:
-    """Skip steps with a non-finite loss or gradient; stop after `limit` in a row, naming the likely causes."""
+    """Skip steps with a non-finite loss or gradient; stop after `limit` in a row, naming the likely causes.
+
+    Every rank sees the same (rank-averaged) loss and global norm, so all ranks skip or step together."""
 
     def __init__(self, limit: int):
         self.limit, self.in_a_row = limit, 0
 
-    def check(self, loss: torch.Tensor, grad_norm: torch.Tensor | float, last_good: Path | None) -> bool:
-        finite = bool(torch.isfinite(loss)) and math.isfinite(float(grad_norm))
+    def check(self, loss: float, grad_norm: float, last_good: Path | None) -> bool:
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
         self.in_a_row = 0 if finite else self.in_a_row + 1
         if self.in_a_row >= self.limit:
             raise UserError(
-                f"{self.in_a_row} non-finite steps in a row (loss {float(loss)}, grad norm {float(grad_norm)}); "
+                f"{self.in_a_row} non-finite steps in a row (loss {loss}, grad norm {grad_norm}); "
                 f"likely causes: learning rate too high, fp16 overflow (use bf16 or fp32), corrupt audio; "
                 f"last good checkpoint: {last_good or '(none)'}")
         return finite
 
 
-def grad_norm_and_clip(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    if max_norm and max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    grads = [p.grad.norm() for p in params if p.grad is not None]
-    return torch.stack(grads).norm() if grads else torch.tensor(0.0)
-
-
-def sync_gradients(accelerator, params: list[torch.nn.Parameter]) -> None:
-    """Average gradients across processes by hand: our forward calls submodules, which DDP's wrapper would not see."""
-    if accelerator is None or accelerator.num_processes == 1:
-        return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        p.grad.copy_(accelerator.reduce(p.grad, reduction="mean"))
-
-
-def held_out_accuracy(model, processor, config: TrainConfig) -> dict[str, float]:
+def held_out_accuracy(engine: Engine, processor, config: TrainConfig) -> dict[str, float]:
     """Greedy accuracy (exact and MMAU rule) and format rate on eval_data."""
     from audio_rft.answers import extract_answer, follows_format, is_correct
     from audio_rft.data.dataset import load_dataset
     from audio_rft.eval.infer import predict
-    from audio_rft.model import core_model
 
     mode = "answer" if config.prompt_mode == "mixed" else config.prompt_mode
     samples = [s for s in load_dataset(config.eval_data, limit=config.eval_limit) if s.answer is not None]
-    outputs = predict(core_model(model), processor, config.eval_data, samples, mode,
-                      config.eval_batch_size, max_new_tokens=64 if mode == "think" else 16)
+    outputs = engine.run(predict, processor, config.eval_data, samples, mode, config.eval_batch_size,
+                         max_new_tokens=64 if mode == "think" else 16)
     exact = [is_correct(extract_answer(t), s.answer, s.choices, "exact") for (t, _), s in zip(outputs, samples)]
     mmau = [is_correct(extract_answer(t), s.answer, s.choices, "mmau") for (t, _), s in zip(outputs, samples)]
     fmt = [follows_format(t, mode) for t, _ in outputs]
@@ -388,53 +378,112 @@ def resume_point(out: Path, fresh: bool) -> Path | None:
     return latest_checkpoint(out)
 
 
-def run_summary(out: Path, config: TrainConfig, step: int, metrics: dict[str, Any], seconds: float) -> None:
+def run_summary(out: Path, config: TrainConfig, step: int, metrics: dict[str, Any], seconds: float,
+                engine: Engine) -> None:
     atomic_write_json(out / "run.json", {"config": config_to_dict(config), "steps": step, "seconds": round(seconds, 1),
-                                         "last_metrics": metrics, "final": "final"})
+                                         "engine": json.loads(describe(engine)), "last_metrics": metrics,
+                                         "final": "final"})
 
 
-def resume_training(config: TrainConfig, out: Path, fresh: bool, accelerator, model, optimizer,
-                    scheduler) -> tuple[Path | None, int]:
-    """Restore weights, optimizer, scheduler and RNG from the newest complete checkpoint (none after
-    --fresh); returns it and the step to continue from."""
-    checkpoint = resume_point(out, fresh and accelerator.is_main_process)
-    accelerator.wait_for_everyone()
-    if checkpoint is None:
-        return None, 0
-    restore_weights(model, checkpoint, config.lora)
-    start = load_training_state(checkpoint, optimizer, scheduler, None)
-    print(f"resuming from {checkpoint} (step {start})", file=sys.stderr)
-    return checkpoint, start
+# ---------------------------------------------------------------- the skeleton SFT and GRPO share
 
 
-def log_and_checkpoint(out: Path, config: TrainConfig, metrics: dict[str, Any], log: "MetricsLog",
-                       checkpoint: Path | None, **state) -> Path | None:
-    """Log one step; on schedule, write checkpoint-N (model, processor, optimizer, scheduler in `state`).
-    Returns the newest complete checkpoint."""
-    log.write(metrics)
-    step = metrics["step"]
-    if config.save_every and step % config.save_every == 0 and step < config.max_steps:
-        checkpoint = checkpoint_or_stop(out / f"checkpoint-{step}", checkpoint, step=step, config=config,
-                                        metrics=metrics, **state)
-        prune_checkpoints(out, config.keep_checkpoints)
-    return checkpoint
+@dataclass
+class Run:
+    """One training run: the engine, where it writes, and what it has logged and saved so far.
+
+    A trainer is `start_run`, then per step its own method-specific passes (through `run.engine`) and
+    `run.end_step(metrics)`, then `run.finish()`; setup, strategy, resume, logging from every rank,
+    held-out evaluation and checkpoints live here, once for every method."""
+
+    config: TrainConfig
+    out: Path
+    engine: Engine
+    processor: Any
+    start: int
+    checkpoint: Path | None
+    log: MetricsLog | None
+    guard: NonFiniteGuard
+    bar: Any
+    began: float = field(default_factory=time.perf_counter)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def layout(self) -> Layout:
+        return self.engine.layout
+
+    def indices(self, n: int, step: int, micro: int) -> list[int]:
+        """This rank's sample indices for micro-batch `micro` of `step`."""
+        c = self.config
+        return batch_indices(n, c.seed, step, micro, c.batch_size, c.grad_accum, self.layout.rank, self.layout.world)
+
+    def optimizer_step(self, loss: float, any_gradients: bool = True) -> tuple[float, bool]:
+        """Clip, check, step: the rank-averaged loss and the global norm decide for every rank at once.
+        Returns the gradient norm and whether the step was applied."""
+        loss = self.layout.mean(loss)
+        norm = self.engine.clip_gradients(self.config.max_grad_norm) if any_gradients else 0.0
+        applied = self.guard.check(loss, 0.0 if math.isnan(norm) and self.engine.strategy == "deepspeed" else norm,
+                                   self.checkpoint) and any_gradients
+        engine_norm = self.engine.optimizer_step(applied)
+        return (norm if engine_norm is None else engine_norm), applied
+
+    def end_step(self, metrics: dict[str, Any]) -> None:
+        """Held-out evaluation when due, then log the step and write checkpoint-N on schedule."""
+        c, step = self.config, metrics["step"]
+        if self.guard.in_a_row:
+            metrics["skipped"] = "non-finite loss or gradient"
+        if c.eval_every and c.eval_data and step % c.eval_every == 0 and (self.layout.main or self.engine.sharded):
+            metrics.update(held_out_accuracy(self.engine, self.processor, c))  # sharded: every rank takes part
+        self.metrics = metrics
+        if self.layout.main:
+            self.log.write(metrics)
+        if c.save_every and step % c.save_every == 0 and step < c.max_steps:
+            self.checkpoint = checkpoint_or_stop(self.out / f"checkpoint-{step}", self.checkpoint, step=step,
+                                                 **self._save_args())
+            if self.layout.main:
+                prune_checkpoints(self.out, c.keep_checkpoints)
+        self.bar.update(1)
+
+    def finish(self) -> Path:
+        """Write final/ (weights, processor, model card; no training state) and run.json."""
+        self.bar.close()
+        final = checkpoint_or_stop(self.out / "final", self.checkpoint, step=self.config.max_steps, final=True,
+                                   **self._save_args())
+        if self.layout.main:
+            run_summary(self.out, self.config, self.config.max_steps, self.metrics, time.perf_counter() - self.began,
+                        self.engine)
+            self.log.close()
+        self.layout.barrier()
+        return final
+
+    def _save_args(self) -> dict[str, Any]:
+        return dict(engine=self.engine, processor=self.processor, config=self.config, metrics=self.metrics)
 
 
-def finish_training(out: Path, config: TrainConfig, metrics: dict[str, Any], log: "MetricsLog",
-                    checkpoint: Path | None, seconds: float, **state) -> Path:
-    """Write final/ (weights, processor, model card; no training state) and run.json."""
-    final = checkpoint_or_stop(out / "final", checkpoint, step=config.max_steps, config=config, metrics=metrics,
-                               final=True, **state)
-    run_summary(out, config, config.max_steps, metrics, seconds)
-    log.close()
-    return final
-
-
-def make_accelerator(config: TrainConfig):
-    """Process layout from `accelerate launch` (one process when run plainly)."""
-    from accelerate import Accelerator
-
-    return Accelerator(cpu=config.device == "cpu" or not torch.cuda.is_available())
+def start_run(config: TrainConfig, fresh: bool, schedule_steps: int, desc: str, keep_reference: bool = False) -> Run:
+    """Processes, model, strategy, optimizer, resume from the newest complete checkpoint, logs."""
+    layout = process_layout(config)
+    strategy = resolve_strategy(config.strategy, layout.world)
+    seed_everything(config.seed)
+    processor, model, compute = setup_model(config, layout, strategy)
+    engine = build_engine(config, layout, model, compute, optimizer_factory(config, schedule_steps), keep_reference)
+    out = Path(config.out)
+    checkpoint = layout.broadcast(resume_point(out, fresh) if layout.main else None)
+    start = 0
+    if checkpoint is not None:
+        engine.load_state(Path(checkpoint) / STATE_DIR)
+        start = int(json.loads((Path(checkpoint) / STATE_DIR / "state.json").read_text())["step"])
+        if layout.main:
+            print(f"resuming from {checkpoint} (step {start})", file=sys.stderr)
+    if layout.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if layout.world > 1 or strategy != "none":
+            print(f"engine: {describe(engine)}", file=sys.stderr)
+    layout.barrier()
+    log = MetricsLog(out, start, config) if layout.main else None
+    bar = tqdm(total=config.max_steps, initial=start, desc=desc, unit="step", disable=not layout.main)
+    return Run(config, out, engine, processor, start, None if checkpoint is None else Path(checkpoint), log,
+               NonFiniteGuard(config.max_bad_steps), bar)
 
 
 def oom_advice(kind: str) -> str:

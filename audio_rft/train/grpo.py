@@ -7,22 +7,16 @@ completions (audio_rft.rollout). Defaults are R1-AQA's, with a LoRA learning rat
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from audio_rft import UserError
 from audio_rft.config import option
-from audio_rft.train.common import (
-    MetricsLog, NonFiniteGuard, TrainConfig, batch_indices, finish_training, grad_norm_and_clip,
-    held_out_accuracy, log_and_checkpoint, make_accelerator, make_optimizer, oom_advice,
-    parse_train_args, resume_training, seed_everything, setup_model, sync_gradients,
-)
+from audio_rft.train.common import TrainConfig, oom_advice, parse_train_args, start_run
 
 LOSS_TYPES = ("sequence", "token", "constant")
 
@@ -133,7 +127,6 @@ def build_reward_fns(config: GRPOConfig) -> tuple[dict, dict[str, float]]:
 def train_grpo(config: GRPOConfig, fresh: bool = False) -> Path:
     """Run GRPO on `config.data`; resumes from the latest complete checkpoint in `config.out`."""
     from audio_rft.data.dataset import load_dataset
-    from audio_rft.model import core_model
     from audio_rft.prompts import check_mode
     from audio_rft.rollout import (completion_logprobs, decode, encode_prompts, load_waveforms, sample,
                                    with_audio_encoded)
@@ -146,138 +139,107 @@ def train_grpo(config: GRPOConfig, fresh: bool = False) -> Path:
     if config.num_generations < 2:
         raise UserError("num_generations must be at least 2 (advantages compare answers within a group)")
     reward_fns, weights = build_reward_fns(config)
-    out = Path(config.out)
-    accelerator = make_accelerator(config)
-    main = accelerator.is_main_process
     samples = [s for s in load_dataset(config.data) if s.answer is not None]
-    seed_everything(config.seed)
-    processor, model = setup_model(config, device=str(accelerator.device))
-    core = core_model(model)
-    params = [p for p in model.parameters() if p.requires_grad]
     # Reference policy: LoRA needs no second model (disable the adapter); full fine-tuning keeps a frozen copy.
-    frozen_reference = None
-    if config.beta and not config.lora:
-        frozen_reference = copy.deepcopy(core).eval().requires_grad_(False)
-    optimizer, scheduler = make_optimizer(model, config, config.max_steps * config.num_iterations)
-    state = dict(model=model, processor=processor, optimizer=optimizer, scheduler=scheduler)
-    checkpoint, start = resume_training(config, out, fresh, accelerator, model, optimizer, scheduler)
-    out.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(out, start, config) if main else None
-    guard, metrics, began = NonFiniteGuard(config.max_bad_steps), {}, time.perf_counter()
-    G, shared_prefix = config.num_generations, not config.gradient_checkpointing
-    T = config.temperature if config.temperature > 0 else 1.0  # score the policy that sampled
-    bar = tqdm(total=config.max_steps, initial=start, desc=f"grpo {config.prompt_mode}", unit="step", disable=not main)
+    run = start_run(config, fresh, config.max_steps * config.num_iterations, f"grpo {config.prompt_mode}",
+                    keep_reference=bool(config.beta) and not config.lora)
+    engine, layout, processor = run.engine, run.layout, run.processor
+    core, G = engine.core, config.num_generations
+    temperature = config.temperature if config.temperature > 0 else 1.0  # score the policy that sampled
 
-    for step in range(start, config.max_steps):
+    for step in range(run.start, config.max_steps):
         step_began = time.perf_counter()
         timing = {"rollout": 0.0, "reference": 0.0, "policy": 0.0, "optimizer": 0.0}
         rollouts, reward_parts, totals, lengths, logged = [], [], [], [], []
         try:
             # 1. Rollout: G completions per prompt, rewards, group-normalised advantages.
             for micro in range(config.grad_accum):
-                idx = batch_indices(len(samples), config.seed, step, micro, config.batch_size, config.grad_accum,
-                                    accelerator.process_index, accelerator.num_processes)
+                idx = run.indices(len(samples), step, micro)
                 batch_samples = [samples[i] for i in idx]
                 clock = time.perf_counter()
                 batch = encode_prompts(processor, batch_samples, load_waveforms(config.data, batch_samples),
-                                       config.prompt_mode, config.max_prompt_tokens).to(core.device)
+                                       config.prompt_mode, config.max_prompt_tokens).to(layout.device)
                 core.eval()  # no dropout while sampling
-                batch = with_audio_encoded(core, batch)  # a frozen encoder runs once for all passes below
-                ids, mask = sample(core, processor, batch, G, config.max_completion_length, config.temperature,
-                                   config.top_p, prompt_generators(config.seed, step, idx))
+                batch = engine.run(with_audio_encoded, batch)  # a frozen encoder runs once for all passes below
+                ids, mask = engine.run(sample, processor, batch, G, config.max_completion_length, config.temperature,
+                                       config.top_p, prompt_generators(config.seed, step, idx), engine.all_done)
                 texts = decode(processor, ids, mask)
                 group_samples = [s for s in batch_samples for _ in range(G)]
                 parts = score_completions(texts, group_samples, reward_fns)
                 reward = sum(weights[name] * value for name, value in parts.items())
-                advantages = group_advantages(reward, G, config.scale_rewards).to(core.device)
+                advantages = group_advantages(reward, G, config.scale_rewards).to(layout.device)
                 timing["rollout"] += time.perf_counter() - clock
                 reward_parts.append(parts)
                 totals.append(reward)
                 lengths.append(mask.sum(1).float())
-                keep = torch.arange(len(idx))
+                keep, weight = torch.arange(len(idx)), 1.0
                 if config.skip_equal_groups:  # a group of equal rewards has zero advantage: skip its passes
                     keep = torch.nonzero(reward.view(-1, G).std(1) > 0).flatten()
                 if len(keep) == 0:
-                    continue
-                rows = (keep[:, None] * G + torch.arange(G)).flatten().to(core.device)
+                    if layout.world == 1:
+                        continue
+                    # With several processes every rank makes the same passes (DDP syncs in its last backward,
+                    # FSDP gathers in every pass), so a rank with nothing to learn runs one group at weight 0.
+                    keep, weight = torch.arange(1), 0.0
+                rows = (keep[:, None] * G + torch.arange(G)).flatten().to(layout.device)
                 batch = batch.select(keep)
                 ids, mask, advantages = ids[rows], mask[rows], advantages[rows]
                 clock = time.perf_counter()
                 ref_logprobs = old_logprobs = None
                 with torch.no_grad():
                     if config.beta:
-                        if frozen_reference is not None:
-                            ref_logprobs = completion_logprobs(frozen_reference, batch, ids, G, shared_prefix, temperature=T)
-                        else:
-                            with model.disable_adapter():
-                                ref_logprobs = completion_logprobs(core, batch, ids, G, shared_prefix, temperature=T)
+                        ref_logprobs = engine.run_reference(completion_logprobs, batch, ids, G, temperature=temperature)
                     if config.num_iterations > 1:  # π_old is needed only when the policy moves between updates
-                        old_logprobs = completion_logprobs(core, batch, ids, G, shared_prefix, temperature=T)
+                        old_logprobs = engine.run(completion_logprobs, batch, ids, G, temperature=temperature)
                 timing["reference"] += time.perf_counter() - clock
-                rollouts.append((batch, ids, mask, advantages, ref_logprobs, old_logprobs))
-                if main and config.log_completions_every and step % config.log_completions_every == 0:
+                rollouts.append((batch, ids, mask, advantages, ref_logprobs, old_logprobs, weight))
+                if layout.main and config.log_completions_every and step % config.log_completions_every == 0:
                     logged += [{"step": step + 1, "id": s.id, "answer": s.answer, "completion": t, "reward": float(r)}
                                for s, t, r in zip(group_samples, texts, reward)]
 
-            # 2. μ policy updates on this rollout batch. Every process steps when any has rollouts (gradients
-            # are averaged over all), so replicas never drift apart when one skipped all its groups.
-            any_rollouts = bool(rollouts) if accelerator.num_processes == 1 else float(accelerator.reduce(
-                torch.tensor(float(len(rollouts)), device=accelerator.device), "sum")) > 0
+            # 2. μ policy updates on this rollout batch. Every process steps when any has something to learn,
+            # so replicas never drift apart when one skipped all its groups.
+            any_rollouts = layout.any(any(r[-1] > 0 for r in rollouts))
             core.train()
             for _ in range(config.num_iterations):
                 clock = time.perf_counter()
-                loss_total, stats_total = torch.zeros(()), {"kl": 0.0, "clip_ratio": 0.0}
-                for batch, ids, mask, advantages, ref_logprobs, old_logprobs in rollouts:
-                    logprobs = completion_logprobs(core, batch, ids, G, shared_prefix, temperature=T)
+                loss_total, stats_total = 0.0, {"kl": 0.0, "clip_ratio": 0.0}
+                for i, (batch, ids, mask, advantages, ref_logprobs, old_logprobs, weight) in enumerate(rollouts):
+                    engine.sync_gradients(i == len(rollouts) - 1)
+                    logprobs = engine.run(completion_logprobs, batch, ids, G, temperature=temperature)
                     loss, stats = grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, config.beta,
                                             config.epsilon_low, config.epsilon_high, config.loss_type,
                                             config.max_completion_length)
-                    (loss / config.grad_accum).backward()
-                    loss_total = loss_total + loss.detach().cpu() / config.grad_accum
+                    engine.backward(loss * weight / config.grad_accum)
+                    loss_total += float(loss.detach()) * weight / config.grad_accum
                     for key in stats_total:
                         stats_total[key] += stats[key] / max(len(rollouts), 1)
                 timing["policy"] += time.perf_counter() - clock
                 clock = time.perf_counter()
-                sync_gradients(accelerator, params)
-                norm = grad_norm_and_clip(params, config.max_grad_norm) if any_rollouts else torch.tensor(0.0)
-                if guard.check(loss_total, norm, checkpoint) and any_rollouts:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
+                norm, _ = run.optimizer_step(loss_total, any_rollouts)
                 timing["optimizer"] += time.perf_counter() - clock
         except torch.cuda.OutOfMemoryError:
             raise UserError(oom_advice("GRPO")) from None
 
-        # Every process's rollouts, not only the main one's (gather is the identity for one process).
-        gather = lambda t: accelerator.gather(t.to(accelerator.device)).cpu()  # noqa: E731
-        reward = gather(torch.cat(totals))
-        stats_total = {k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean"))
-                       for k, v in stats_total.items()}
+        # Every process's rollouts, not only the main one's.
+        reward = layout.gather(torch.cat(totals))
         metrics = {
-            "step": step + 1, "loss": float(accelerator.reduce(loss_total.to(accelerator.device), "mean")),
+            "step": step + 1, "loss": layout.mean(loss_total),
             "reward": float(reward.mean()), "reward_std": float(reward.view(-1, G).std(1).mean()),
-            **{f"rewards/{name}": float(gather(torch.cat([p[name] for p in reward_parts])).mean()) for name in reward_fns},
-            "kl": stats_total["kl"], "clip_ratio": stats_total["clip_ratio"],
-            "completion_length": float(gather(torch.cat(lengths)).mean()),
+            **{f"rewards/{name}": float(layout.gather(torch.cat([p[name] for p in reward_parts])).mean())
+               for name in reward_fns},
+            "kl": layout.mean(stats_total["kl"]), "clip_ratio": layout.mean(stats_total["clip_ratio"]),
+            "completion_length": float(layout.gather(torch.cat(lengths)).mean()),
             "frac_reward_zero_std": float((reward.view(-1, G).std(1) == 0).float().mean()),
-            "grad_norm": float(norm), "lr": scheduler.get_last_lr()[0], "step_seconds": time.perf_counter() - step_began,
+            "grad_norm": norm, "lr": engine.lr(), "step_seconds": time.perf_counter() - step_began,
             **{f"time/{k}": v for k, v in timing.items()},
-            **({} if guard.in_a_row == 0 else {"skipped": "non-finite loss or gradient"}),
         }
-        if config.eval_every and config.eval_data and (step + 1) % config.eval_every == 0 and main:
-            metrics.update(held_out_accuracy(model, processor, config))
-        if main:
-            checkpoint = log_and_checkpoint(out, config, metrics, log, checkpoint, **state)
-            if logged:
-                with open(out / "completions.jsonl", "a", encoding="utf-8") as f:
-                    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in logged))
-            bar.update(1)
-            bar.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics.get('rewards/accuracy', float('nan')):.2f}")
-        accelerator.wait_for_everyone()
-    bar.close()
-    if main:
-        return finish_training(out, config, metrics, log, checkpoint, time.perf_counter() - began, **state)
-    return out / "final"
+        if logged:
+            with open(run.out / "completions.jsonl", "a", encoding="utf-8") as f:
+                f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in logged))
+        run.bar.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics.get('rewards/accuracy', float('nan')):.2f}")
+        run.end_step(metrics)
+    return run.finish()
 
 
 def run_argv(argv: list[str]) -> int:

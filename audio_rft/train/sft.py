@@ -13,15 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from audio_rft import UserError
 from audio_rft.config import option
-from audio_rft.train.common import (
-    MetricsLog, NonFiniteGuard, TrainConfig, batch_indices, finish_training, grad_norm_and_clip,
-    held_out_accuracy, log_and_checkpoint, make_accelerator, make_optimizer, oom_advice,
-    parse_train_args, resume_training, seed_everything, setup_model, sync_gradients,
-)
+from audio_rft.train.common import TrainConfig, oom_advice, parse_train_args, start_run
 
 
 @dataclass
@@ -58,6 +53,11 @@ def target_batch(processor, samples, modes: str | list[str], limit: int) -> tupl
     return ids, mask
 
 
+def target_tokens(processor, samples, config: SFTConfig) -> int:
+    """How many target tokens (the loss's denominator) a micro-batch has."""
+    return int(target_batch(processor, samples, sample_modes(samples, config.prompt_mode), config.max_target_tokens)[1].sum())
+
+
 def sft_loss(core, processor, folder: str, samples, config: SFTConfig) -> tuple[torch.Tensor, int]:
     """Mean negative log-likelihood of the target tokens given audio + prompt."""
     from audio_rft.rollout import completion_logprobs, encode_prompts, load_waveforms
@@ -65,7 +65,7 @@ def sft_loss(core, processor, folder: str, samples, config: SFTConfig) -> tuple[
     modes = sample_modes(samples, config.prompt_mode)
     batch = encode_prompts(processor, samples, load_waveforms(folder, samples), modes).to(core.device)
     ids, mask = (t.to(core.device) for t in target_batch(processor, samples, modes, config.max_target_tokens))
-    logprobs = completion_logprobs(core, batch, ids, 1, shared_prefix=not config.gradient_checkpointing)
+    logprobs = completion_logprobs(core, batch, ids, 1)
     tokens = int(mask.sum())
     return -(logprobs * mask).sum() / tokens, tokens
 
@@ -73,63 +73,42 @@ def sft_loss(core, processor, folder: str, samples, config: SFTConfig) -> tuple[
 def train_sft(config: SFTConfig, fresh: bool = False) -> Path:
     """Fine-tune on `config.data`; resumes from the latest complete checkpoint in `config.out`."""
     from audio_rft.data.dataset import load_dataset
-    from audio_rft.model import core_model
     from audio_rft.prompts import check_mode
 
     if config.prompt_mode != "mixed":
         check_mode(config.prompt_mode)
     if not (config.model and config.data and config.out):
         raise UserError("sft needs model, data and out (e.g. `audio-rft sft model=M data=D out=O`)")
-    out = Path(config.out)
-    accelerator = make_accelerator(config)
-    main = accelerator.is_main_process
     samples = [s for s in load_dataset(config.data) if s.answer is not None]
     if config.prompt_mode in ("think", "mixed") and not all(s.reasoning for s in samples):
         missing = next(s.id for s in samples if not s.reasoning)
         raise UserError(f"{config.data}: sample {missing!r} has no 'reasoning', which think-mode SFT targets need")
-    seed_everything(config.seed)
-    processor, model = setup_model(config, device=str(accelerator.device))
-    core = core_model(model)
-    core.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler = make_optimizer(model, config, config.max_steps)
-    state = dict(model=model, processor=processor, optimizer=optimizer, scheduler=scheduler)
-    checkpoint, start = resume_training(config, out, fresh, accelerator, model, optimizer, scheduler)
-    out.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(out, start, config) if main else None
-    guard, metrics, began = NonFiniteGuard(config.max_bad_steps), {}, time.perf_counter()
-    bar = tqdm(total=config.max_steps, initial=start, desc="sft", unit="step", disable=not main)
-    for step in range(start, config.max_steps):
+    run = start_run(config, fresh, config.max_steps, "sft")
+    engine = run.engine
+    engine.core.train()
+    for step in range(run.start, config.max_steps):
         step_began, loss_sum, token_count = time.perf_counter(), 0.0, 0
         try:
-            for micro in range(config.grad_accum):
-                idx = batch_indices(len(samples), config.seed, step, micro, config.batch_size, config.grad_accum,
-                                    accelerator.process_index, accelerator.num_processes)
-                loss, tokens = sft_loss(core, processor, config.data, [samples[i] for i in idx], config)
-                (loss / config.grad_accum).backward()
-                loss_sum, token_count = loss_sum + float(loss.detach()) / config.grad_accum, token_count + tokens
+            micro_batches = [[samples[i] for i in run.indices(len(samples), step, micro)]
+                             for micro in range(config.grad_accum)]
+            # The loss is the mean over every target token of the step, on all ranks and micro-batches
+            # together, so the gradient does not depend on how the batch is split (the engine averages ranks).
+            step_tokens = sum(run.layout.gather_objects(sum(target_tokens(run.processor, b, config) for b in micro_batches)))
+            for micro, batch_samples in enumerate(micro_batches):
+                engine.sync_gradients(micro == config.grad_accum - 1)
+                loss, tokens = engine.run(sft_loss, run.processor, config.data, batch_samples, config)
+                share = tokens * run.layout.world / step_tokens
+                engine.backward(loss * share)
+                loss_sum, token_count = loss_sum + float(loss.detach()) * share, token_count + tokens
+            norm, _ = run.optimizer_step(loss_sum)
         except torch.cuda.OutOfMemoryError:
             raise UserError(oom_advice("SFT")) from None
-        sync_gradients(accelerator, params)
-        norm = grad_norm_and_clip(params, config.max_grad_norm)
-        if guard.check(torch.tensor(loss_sum), norm, checkpoint):
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
         seconds = time.perf_counter() - step_began
-        metrics = {"step": step + 1, "loss": loss_sum, "grad_norm": float(norm), "lr": scheduler.get_last_lr()[0],
-                   "tokens_per_second": token_count / seconds, "step_seconds": seconds,
-                   **({} if guard.in_a_row == 0 else {"skipped": "non-finite loss or gradient"})}
-        if config.eval_every and config.eval_data and (step + 1) % config.eval_every == 0 and main:
-            metrics.update(held_out_accuracy(model, processor, config))
-        if main:
-            checkpoint = log_and_checkpoint(out, config, metrics, log, checkpoint, **state)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.3f}", **({"acc": f"{metrics['eval/accuracy']:.2f}"} if "eval/accuracy" in metrics else {}))
-    bar.close()
-    if main:
-        return finish_training(out, config, metrics, log, checkpoint, time.perf_counter() - began, **state)
-    return out / "final"
+        run.bar.set_postfix(loss=f"{loss_sum:.3f}")
+        run.end_step({"step": step + 1, "loss": run.layout.mean(loss_sum), "grad_norm": norm, "lr": engine.lr(),
+                      "tokens_per_second": run.layout.mean(token_count / seconds) * run.layout.world,
+                      "step_seconds": seconds})
+    return run.finish()
 
 
 def run_argv(argv: list[str]) -> int:

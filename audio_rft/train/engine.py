@@ -1,0 +1,403 @@
+"""Where the training strategy lives: one process, DDP, FSDP2 or DeepSpeed ZeRO, chosen by `strategy`.
+
+Every trainer calls the model only through `Engine.run(fn, ...)`, where `fn(core, ...)` is one of
+rollout.py's passes. Those passes call the audio tower, projector, language model and head directly
+(that is how each clip is encoded and each prompt prefilled once for all G completions), and each
+engine must see such a call as a forward of the module it manages, or it silently does nothing:
+
+- `ddp`: `Passes`, a thin module whose forward runs `fn`, wrapped by DistributedDataParallel, so the
+  reducer averages gradients in backward (DDP around the model, with calls on `.module`, never syncs);
+- `fsdp`: `fully_shard` on every encoder and decoder layer, then on the root, and `fn` registered as a
+  forward method of the root (`register_fsdp_forward_method`), so the root's own parameters
+  (embeddings, head, projector, encoder convolutions) are gathered for it and reduce-scattered after
+  backward, while each layer gathers its shard when it is called;
+- `deepspeed`: the same `Passes` module prepared by accelerate's DeepSpeed plugin (ZeRO-2 or ZeRO-3).
+
+The engine averages gradients; nothing here is a hand-written collective on them. Mixed precision:
+with `dtype=bf16`, weights that train are kept in fp32 (master weights, fp32 AdamW state) and compute
+runs in bf16: torch.autocast for one process and DDP, FSDP2's MixedPrecisionPolicy, DeepSpeed's bf16
+mode. A frozen LoRA base stays in bf16 where no engine needs one dtype per shard.
+
+Under fsdp and deepspeed every rank must make the same sequence of passes (each pass gathers
+parameters collectively): trainers keep pass counts equal and `sample` runs until every rank is done.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import types
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from audio_rft import UserError
+
+STRATEGIES = ("auto", "none", "ddp", "fsdp", "deepspeed")
+SHARDED = ("fsdp", "deepspeed")
+PASS_METHOD = "audio_rft_pass"
+
+
+class Passes(torch.nn.Module):
+    """A module whose forward is one of rollout.py's passes, so DDP and DeepSpeed see it as the forward."""
+
+    def __init__(self, core: torch.nn.Module):
+        super().__init__()
+        self.core = core
+
+    def forward(self, fn: Callable, *args, **kwargs):
+        return fn(self.core, *args, **kwargs)
+
+
+def _run_pass(self, fn: Callable, *args, **kwargs):
+    return fn(self, *args, **kwargs)
+
+
+# ---------------------------------------------------------------- processes
+
+
+@dataclass
+class Layout:
+    """Which process this is, of how many, on which device (from torchrun / accelerate launch)."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    accelerator: Any = None  # accelerate's Accelerator, for the deepspeed strategy only
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's value of `obj` on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def mean(self, value: float) -> float:
+        """The mean of a metric over ranks."""
+        return float(np.mean(self.gather_objects(value)))
+
+    def any(self, flag: bool) -> bool:
+        return any(self.gather_objects(bool(flag)))
+
+    def gather_objects(self, value: Any) -> list:
+        if self.world == 1:
+            return [value]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, value)
+        return out
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows of a metric tensor, concatenated in rank order (on the CPU)."""
+        return torch.cat([torch.as_tensor(t) for t in self.gather_objects(tensor.detach().cpu())])
+
+
+def process_layout(config) -> Layout:
+    """Start (or join) the process group that torchrun / accelerate launch describe in the environment."""
+    from accelerate import PartialState
+
+    cpu = config.device == "cpu" or not torch.cuda.is_available()
+    accelerator = None
+    if config.strategy == "deepspeed":
+        accelerator = _deepspeed_accelerator(config, cpu)
+        state = accelerator.state
+    else:
+        state = PartialState(cpu=cpu)
+    return Layout(state.process_index, state.num_processes, torch.device(state.device), accelerator)
+
+
+def resolve_strategy(strategy: str, world: int) -> str:
+    if strategy not in STRATEGIES:
+        raise UserError(f"strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    if strategy == "auto":
+        return "ddp" if world > 1 else "none"
+    if strategy in ("ddp", "fsdp") and world == 1:
+        return "none"  # one process: nothing to average or shard
+    return strategy
+
+
+def _deepspeed_accelerator(config, cpu: bool):
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        raise UserError("strategy=deepspeed needs DeepSpeed: pip install 'audio-rft[deepspeed]' "
+                        "(or choose strategy=fsdp, which needs nothing more)") from None
+    from accelerate import Accelerator, DeepSpeedPlugin
+
+    if config.zero_stage not in (2, 3):
+        raise UserError(f"zero_stage {config.zero_stage}: choose 2 or 3")
+    sixteen = config.dtype in ("bf16", "bfloat16") or (config.dtype == "auto" and not cpu)
+    plugin = DeepSpeedPlugin(hf_ds_config={
+        "train_micro_batch_size_per_gpu": config.batch_size,
+        "gradient_accumulation_steps": config.grad_accum,
+        "gradient_clipping": config.max_grad_norm or 0.0,
+        "zero_optimization": {"stage": config.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
+        "bf16": {"enabled": sixteen},
+        "zero_allow_untested_optimizer": True,
+    })
+    return Accelerator(cpu=cpu, deepspeed_plugin=plugin, mixed_precision="bf16" if sixteen else "no")
+
+
+# ---------------------------------------------------------------- the engine
+
+
+@dataclass
+class Engine:
+    """The model as the strategy holds it, with its optimizer and scheduler; see the module docstring."""
+
+    strategy: str
+    layout: Layout
+    model: torch.nn.Module  # PeftModel (LoRA) or Qwen2AudioForConditionalGeneration: what save_pretrained saves
+    core: torch.nn.Module  # the Qwen2AudioForConditionalGeneration inside `model`
+    compute_dtype: torch.dtype
+    optimizer: Any = None
+    scheduler: Any = None
+    wrapped: Any = None  # DDP(Passes) or the DeepSpeed engine around Passes
+    autocast_dtype: torch.dtype | None = None
+    reference: torch.nn.Module | None = None  # frozen copy for full fine-tuning with a KL term
+
+    @property
+    def sharded(self) -> bool:
+        return self.strategy in SHARDED
+
+    @property
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.layout.device.type, dtype=self.autocast_dtype)
+
+    def run(self, fn: Callable, *args, **kwargs):
+        """`fn(core, *args, **kwargs)` as a forward of the engine's module (see the module docstring)."""
+        with self.autocast():
+            if self.strategy == "fsdp":
+                return getattr(self.core, PASS_METHOD)(fn, *args, **kwargs)
+            if self.wrapped is not None:
+                return self.wrapped(fn, *args, **kwargs)
+            return fn(self.core, *args, **kwargs)
+
+    def run_reference(self, fn: Callable, *args, **kwargs):
+        """A pass of the reference policy: the frozen copy, or the model with its LoRA adapter disabled."""
+        if self.reference is None:
+            with self.model.disable_adapter():
+                return self.run(fn, *args, **kwargs)
+        with self.autocast():
+            if self.strategy == "fsdp":
+                return getattr(self.reference, PASS_METHOD)(fn, *args, **kwargs)
+            return fn(self.reference, *args, **kwargs)
+
+    def all_done(self, done: bool) -> bool:
+        """Whether every rank is done (sampling under sharding must run the same number of steps everywhere)."""
+        return not self.layout.any(not done) if self.sharded else done
+
+    def sync_gradients(self, on: bool) -> None:
+        """Whether the next backward averages gradients (the last micro-batch of a step) or only accumulates."""
+        if self.strategy == "ddp":
+            self.wrapped.require_backward_grad_sync = on
+        elif self.strategy == "fsdp":
+            self.core.set_requires_gradient_sync(on)
+        elif self.strategy == "deepspeed":
+            self.wrapped.set_gradient_accumulation_boundary(on)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.strategy == "deepspeed":
+            self.wrapped.backward(loss, scale_wrt_gas=False)  # the trainers already divide by grad_accum
+        else:
+            loss.backward()
+
+    def clip_gradients(self, max_norm: float) -> float:
+        """Clip to `max_norm` (0: measure only) and return the global gradient norm (before clipping)."""
+        if self.strategy == "deepspeed":
+            return float("nan")  # DeepSpeed clips inside step(); grad_norm() reads its norm afterwards
+        params = [p for p in self.trainable if p.grad is not None]
+        if not params:
+            return 0.0
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm and max_norm > 0 else float("inf"))
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def optimizer_step(self, apply: bool) -> float | None:
+        """Apply (or, for a skipped step, drop) the accumulated gradients; advance the schedule."""
+        norm = None
+        if self.strategy == "deepspeed":
+            self.wrapped.step()  # DeepSpeed always applies at the boundary
+            norm = self.wrapped.get_global_grad_norm()
+            norm = None if norm is None else float(norm)
+        else:
+            if apply:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return norm
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    # ------------------------------------------------------------ checkpoints
+
+    def full_weights(self, lora: bool) -> dict[str, torch.Tensor] | None:
+        """The whole (LoRA: adapter) state dict on rank 0 in the saved dtype; collective under sharding.
+
+        None where `model.save_pretrained` can read the weights itself (one process or DDP, no cast needed).
+        """
+        if self.strategy == "deepspeed":
+            state = self.layout.accelerator.get_state_dict(self.wrapped)
+            prefix = "base_model.model." if lora else ""
+            state = None if state is None else {prefix + k.removeprefix("core."): v for k, v in state.items()}
+        elif self.strategy == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state = get_model_state_dict(self.model, options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora))
+        elif lora or self.compute_dtype == torch.float32:
+            return None
+        else:
+            state = self.model.state_dict()
+        if not self.layout.main or state is None:
+            return None
+        if not lora and self.compute_dtype != torch.float32:  # fp32 master weights, saved in the compute dtype
+            state = {k: v.to(self.compute_dtype) if v.is_floating_point() else v for k, v in state.items()}
+        return state
+
+    def save_state(self, folder: Path) -> None:
+        """Sharded training state for exact resume: trainable weights and optimizer (each rank its shard),
+        scheduler, and every rank's RNG. Collective: every rank calls it with the same folder."""
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.strategy == "deepspeed":
+            self.wrapped.save_checkpoint(str(folder), tag="deepspeed", exclude_frozen_parameters=True)
+        else:
+            import torch.distributed.checkpoint as dcp
+
+            dcp.save(self._dcp_state(), checkpoint_id=str(folder / "dcp"))
+        if self.layout.main:
+            torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
+        torch.save(_rng_state(), folder / f"rng-{self.layout.rank}.pt")
+
+    def load_state(self, folder: Path) -> None:
+        if self.strategy == "deepspeed":
+            self.wrapped.load_checkpoint(str(folder), tag="deepspeed", load_module_strict=False,
+                                         load_lr_scheduler_states=False)
+        else:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import set_state_dict
+
+            state = self._dcp_state()
+            dcp.load(state, checkpoint_id=str(folder / "dcp"))
+            # Frozen weights are not in the checkpoint (they come from the base model), hence strict=False;
+            # every trainable one must be restored.
+            result = set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                                    optim_state_dict=state["optimizer"], options=self._dcp_options(strict=False))
+            missing = set(result.missing_keys) & set(state["model"])
+            if missing:
+                raise UserError(f"{folder}: training state does not match the model (missing {sorted(missing)[:3]})")
+        self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+        rng = folder / f"rng-{self.layout.rank}.pt"
+        _set_rng_state(torch.load(rng if rng.exists() else folder / "rng-0.pt", weights_only=True))
+
+    def _dcp_options(self, strict: bool = True):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(ignore_frozen_params=True, strict=strict)
+
+    def _dcp_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer, options=self._dcp_options())
+        return {"model": model_state, "optimizer": optimizer_state}
+
+
+def _rng_state() -> dict[str, Any]:
+    version, python_state, _ = random.getstate()
+    _, numpy_keys, numpy_pos, *_ = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": torch.tensor(python_state, dtype=torch.int64),
+            "python_version": version, "numpy": torch.from_numpy(numpy_keys.astype(np.int64)), "numpy_pos": int(numpy_pos)}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"].tolist()), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"]))
+
+
+# ---------------------------------------------------------------- building it
+
+
+def master_dtype(compute: torch.dtype, lora: bool, strategy: str) -> torch.dtype:
+    """The dtype weights are loaded in: fp32 where 16-bit compute needs fp32 master weights (full
+    fine-tuning), or where the engine shards every weight in one dtype (fsdp, deepspeed)."""
+    if compute == torch.float32 or (lora and strategy not in SHARDED):
+        return compute
+    return torch.float32
+
+
+def build_engine(config, layout: Layout, model: torch.nn.Module, compute_dtype: torch.dtype,
+                 make_optimizer: Callable, keep_reference: bool) -> Engine:
+    """Wrap or shard the model for the strategy, then build the optimizer over what each rank holds."""
+    from audio_rft.model import core_model
+
+    strategy = resolve_strategy(config.strategy, layout.world)
+    core = core_model(model)
+    loaded = next(core.parameters()).dtype
+    engine = Engine(strategy, layout, model, core, compute_dtype)
+    if keep_reference:  # frozen, so no master weights: kept in the compute dtype
+        engine.reference = _frozen_copy(core, compute_dtype)
+    if strategy == "none" or strategy == "ddp":
+        if loaded != compute_dtype:
+            engine.autocast_dtype = compute_dtype
+        if strategy == "ddp":
+            device_ids = [layout.device.index] if layout.device.type == "cuda" else None
+            engine.wrapped = torch.nn.parallel.DistributedDataParallel(
+                Passes(core), device_ids=device_ids, broadcast_buffers=False)
+        engine.optimizer, engine.scheduler = make_optimizer(engine.trainable)
+    elif strategy == "fsdp":
+        _fully_shard(core, compute_dtype)
+        if engine.reference is not None:
+            _fully_shard(engine.reference, compute_dtype)
+        engine.optimizer, engine.scheduler = make_optimizer(engine.trainable)  # over the local shards
+    else:
+        optimizer, _ = make_optimizer(engine.trainable)
+        engine.wrapped, optimizer = layout.accelerator.prepare(Passes(core), optimizer)
+        engine.optimizer = optimizer
+        _, engine.scheduler = make_optimizer(None, optimizer)
+        if engine.reference is not None:
+            engine.reference.to(layout.device)
+    return engine
+
+
+def _frozen_copy(core: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(core).to(dtype).eval().requires_grad_(False)
+
+
+def _fully_shard(core: torch.nn.Module, compute_dtype: torch.dtype) -> None:
+    """FSDP2, as torchtune does it: each encoder and decoder layer, then the root; our passes registered
+    as forward methods of the root so its own parameters are gathered for them."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    for layer in [*core.model.audio_tower.layers, *core.model.language_model.layers]:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(core, mp_policy=policy)
+    setattr(core, PASS_METHOD, types.MethodType(_run_pass, core))
+    register_fsdp_forward_method(core, PASS_METHOD)
+
+
+def describe(engine: Engine) -> str:
+    layout = engine.layout
+    return json.dumps({"strategy": engine.strategy, "processes": layout.world, "device": str(layout.device),
+                       "compute_dtype": str(engine.compute_dtype).removeprefix("torch."),
+                       "weights_dtype": str(next(engine.core.parameters()).dtype).removeprefix("torch.")})

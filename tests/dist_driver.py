@@ -1,0 +1,54 @@
+"""Run several trainings in one multi-process launch (torchrun starts each process once; the launch is the
+slow part): `torchrun --nproc_per_node 2 tests/dist_driver.py SPEC.json`.
+
+SPEC is a list of {"kind": "sft" | "grpo" | "measure", "config": {...}}. `measure` builds the engine of a
+GRPO config, takes one optimizer step on zero gradients (so AdamW has its state) and writes, per rank,
+the bytes of parameters and optimizer state this rank holds to config["out"]/bytes-RANK.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def local_bytes(tensors) -> int:
+    total = 0
+    for t in tensors:
+        local = t.to_local() if hasattr(t, "to_local") else t
+        total += local.numel() * local.element_size()
+    return total
+
+
+def measure(config) -> None:
+    from audio_rft.train.common import start_run
+
+    run = start_run(config, fresh=True, schedule_steps=1, desc="measure")
+    engine = run.engine
+    for p in engine.trainable:
+        p.grad = torch.zeros_like(p)
+    engine.optimizer.step()
+    state = [v for s in engine.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"bytes-{run.layout.rank}.json").write_text(json.dumps({
+        "parameters": local_bytes(engine.model.parameters()), "optimizer": local_bytes(state)}))
+    run.bar.close()
+
+
+def main() -> None:
+    from audio_rft.config import build_config
+    from audio_rft.train.grpo import GRPOConfig, train_grpo
+    from audio_rft.train.sft import SFTConfig, train_sft
+
+    for job in json.loads(Path(sys.argv[1]).read_text()):
+        cls, run = {"sft": (SFTConfig, train_sft), "grpo": (GRPOConfig, train_grpo),
+                    "measure": (GRPOConfig, measure)}[job["kind"]]
+        run(build_config(cls, job["config"]))
+
+
+if __name__ == "__main__":
+    main()

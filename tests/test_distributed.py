@@ -1,0 +1,191 @@
+"""Several processes on the CPU over gloo: ddp and fsdp (and deepspeed where installed) against one process.
+
+Each launch (torchrun, 2 processes) runs several trainings through tests/dist_driver.py, since starting the
+processes is the slow part. One process with batch B and two with B/2 each see the same global batch, so
+losses and weights must agree to float rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import (PLUGIN, ROOT, adapter_weights, assert_same_weights, plugin_dir, read_metrics,  # noqa: F401
+                     synth_data, tiny_model)
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU (gloo) path")
+
+DRIVER = ROOT / "tests" / "dist_driver.py"
+STRATEGIES = ["ddp", "fsdp"]
+
+
+def deepspeed_or_reason() -> str | None:
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return "DeepSpeed is not installed (pip install 'audio-rft[deepspeed]')"
+    return None
+
+
+def env(plugin: Path) -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": f"{plugin}{os.pathsep}{ROOT}", "DS_ACCELERATOR": "cpu"}
+
+
+def launch_command(spec: Path) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(DRIVER), str(spec)]
+
+
+def launch(jobs: list[dict], folder: Path, plugin: Path) -> None:
+    spec = folder / f"spec-{time.monotonic_ns()}.json"
+    spec.write_text(json.dumps(jobs))
+    done = subprocess.run(launch_command(spec), env=env(plugin), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def grpo(tiny, data, out, **extra) -> dict:
+    return {"model": str(tiny), "data": str(data / "train"), "out": str(out), "max_steps": 3, "grad_accum": 1,
+            "num_generations": 4, "max_completion_length": 6, "save_every": 1, "report_to": [], "device": "cpu",
+            "threads": 1, "loss_type": "sequence", "lora_dropout": 0.0, "beta": 0.04, "lr": 1e-3,
+            "rewards": ["accuracy", "format", PLUGIN], "log_completions_every": 0, "seed": 0, **extra}
+
+
+def sft(tiny, data, out, **extra) -> dict:
+    return {"model": str(tiny), "data": str(data / "train"), "out": str(out), "max_steps": 3, "grad_accum": 2,
+            "save_every": 0, "report_to": [], "device": "cpu", "threads": 1, "lora_dropout": 0.0, "lr": 1e-3,
+            "prompt_mode": "answer", "seed": 0, **extra}
+
+
+# name -> (kind, config maker, one-process batch size, extra keys); two processes take half the batch each
+CASES = {
+    "grpo-lora": ("grpo", grpo, 2, {}),
+    "grpo-full": ("grpo", grpo, 2, {"lora": False, "lr": 1e-4}),
+    "sft-lora": ("sft", sft, 2, {}),
+    "sft-full": ("sft", sft, 2, {"lora": False, "lr": 1e-4}),
+}
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    name = "adapter_model.safetensors" if (out / "final" / "adapter_model.safetensors").exists() else "model.safetensors"
+    return load_file(str(out / "final" / name))
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model, synth_data, plugin_dir, tmp_path_factory):
+    """Every case in one process, and under each strategy with two (one launch per strategy)."""
+    from audio_rft.config import build_config
+    from audio_rft.train.grpo import GRPOConfig, train_grpo
+    from audio_rft.train.sft import SFTConfig, train_sft
+
+    root = tmp_path_factory.mktemp("dist")
+    sys.path.insert(0, str(plugin_dir))
+    try:
+        for name, (kind, make, batch, extra) in CASES.items():
+            cls, train = (GRPOConfig, train_grpo) if kind == "grpo" else (SFTConfig, train_sft)
+            train(build_config(cls, make(tiny_model, synth_data, root / "one" / name, batch_size=batch, **extra)))
+    finally:
+        sys.path.remove(str(plugin_dir))
+    for strategy in STRATEGIES:
+        jobs = [{"kind": kind, "config": make(tiny_model, synth_data, root / strategy / name, batch_size=batch // 2,
+                                              strategy=strategy, **extra)}
+                for name, (kind, make, batch, extra) in CASES.items()]
+        jobs.append({"kind": "measure", "config": grpo(tiny_model, synth_data, root / strategy / "measure",
+                                                       batch_size=1, strategy=strategy, lora=False)})
+        launch(jobs, root, plugin_dir)
+    return root
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_processes_match_one_on_the_same_global_batch(runs, strategy, case):
+    one, two = runs / "one" / case, runs / strategy / case
+    a, b = read_metrics(one), read_metrics(two)
+    assert [m["step"] for m in b] == [1, 2, 3]
+    assert a[0]["loss"] != 0.0  # a real number to compare
+    for ma, mb in zip(a, b):
+        assert mb["loss"] == pytest.approx(ma["loss"], rel=1e-5, abs=1e-7), (case, ma["step"])
+        for key in ("reward", "kl", "completion_length", "grad_norm"):
+            if key in ma:
+                assert mb[key] == pytest.approx(ma[key], rel=1e-4, abs=1e-6), (case, ma["step"], key)
+    assert json.loads((two / "run.json").read_text())["engine"]["strategy"] == strategy
+    assert_same_weights(final_weights(one), final_weights(two), atol=1e-5)
+
+
+def test_the_runs_compared_really_trained(runs, tiny_model):
+    from safetensors.torch import load_file
+
+    base = load_file(str(tiny_model / "model.safetensors"))
+    for case in CASES:
+        weights = final_weights(runs / "one" / case)
+        if "lora" in case:
+            assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k), case
+        else:
+            assert any(not torch.equal(v, base[k]) for k, v in weights.items() if k in base), case
+
+
+def test_fsdp_holds_half_the_parameter_and_optimizer_bytes_of_ddp(runs):
+    measured = {s: [json.loads((runs / s / "measure" / f"bytes-{r}.json").read_text()) for r in (0, 1)]
+                for s in STRATEGIES}
+    for kind in ("parameters", "optimizer"):
+        ddp = measured["ddp"][0][kind]
+        assert ddp > 0
+        for rank in (0, 1):
+            share = measured["fsdp"][rank][kind] / ddp
+            assert 0.40 < share < 0.62, (kind, rank, share)  # half, plus padding of uneven shards
+
+
+def test_killed_sharded_grpo_reruns_to_the_uninterrupted_weights(runs, tiny_model, synth_data, plugin_dir, tmp_path):
+    """Kill an fsdp GRPO run (the whole process group) once checkpoint-1 is complete; the same command again
+    resumes from it and ends with the weights and metrics of the uninterrupted run."""
+    from audio_rft.train.common import is_complete
+
+    out = tmp_path / "run"
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps([{"kind": "grpo", "config": grpo(tiny_model, synth_data, out, batch_size=1,
+                                                                 strategy="fsdp")}]))
+    proc = subprocess.Popen(launch_command(spec), env=env(plugin_dir), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        while proc.poll() is None and not (out / "checkpoint-1" / "COMPLETE.json").exists():
+            time.sleep(0.005)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert is_complete(out / "checkpoint-1") and not (out / "final").exists()
+    done = subprocess.run(launch_command(spec), env=env(plugin_dir), cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "resuming from" in done.stderr
+    whole = runs / "fsdp" / "grpo-lora"
+    assert_same_weights(final_weights(whole), final_weights(out), atol=1e-6)
+    for a, b in zip(read_metrics(whole), read_metrics(out)):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-9)
+
+
+def test_deepspeed_matches_one_process(runs, tiny_model, synth_data, plugin_dir):
+    reason = deepspeed_or_reason()
+    if reason:
+        pytest.skip(reason)
+    for stage in (2, 3):
+        jobs = [{"kind": kind, "config": make(tiny_model, synth_data, runs / f"zero{stage}" / name, batch_size=batch // 2,
+                                              strategy="deepspeed", zero_stage=stage, **extra)}
+                for name, (kind, make, batch, extra) in CASES.items()]
+        launch(jobs, runs, plugin_dir)
+        for name in CASES:
+            a, b = read_metrics(runs / "one" / name), read_metrics(runs / f"zero{stage}" / name)
+            for ma, mb in zip(a, b):
+                assert mb["loss"] == pytest.approx(ma["loss"], rel=1e-5, abs=1e-7), (stage, name, ma["step"])
+            assert_same_weights(final_weights(runs / "one" / name), final_weights(runs / f"zero{stage}" / name), atol=1e-5)
