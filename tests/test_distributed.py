@@ -185,6 +185,8 @@ def test_deepspeed_matches_one_process(runs, tiny_model, synth_data, plugin_dir)
                 for name, (kind, make, batch, extra) in CASES.items()]
         launch(jobs, runs, plugin_dir)
         for name in CASES:
+            engine = json.loads((runs / f"zero{stage}" / name / "run.json").read_text())["engine"]
+            assert engine["strategy"] == "deepspeed" and engine["processes"] == 2
             a, b = read_metrics(runs / "one" / name), read_metrics(runs / f"zero{stage}" / name)
             for ma, mb in zip(a, b):
                 assert mb["loss"] == pytest.approx(ma["loss"], rel=1e-5, abs=1e-7), (stage, name, ma["step"])

@@ -537,7 +537,7 @@ def nan_after(real: Callable, first_bad: int, last_bad: int | None = None):
 def test_sft_nonfinite_step_is_skipped_and_logged(base, monkeypatch, tmp_path, one_thread):
     import audio_rft.train.sft as sft
 
-    monkeypatch.setattr(sft, "sft_loss", nan_after(sft.sft_loss, 2, 2))
+    monkeypatch.setattr(sft, "sft_nll", nan_after(sft.sft_nll, 2, 2))
     out = tmp_path / "sft"
     sft.train_sft(sft_config(base, out, "max_steps=3", "save_every=0"))
     lines = metric_lines(out)
@@ -550,7 +550,7 @@ def test_sft_nonfinite_step_is_skipped_and_logged(base, monkeypatch, tmp_path, o
 def test_sft_nonfinite_in_a_row_stops_naming_causes_and_last_checkpoint(base, monkeypatch, tmp_path, one_thread):
     import audio_rft.train.sft as sft
 
-    monkeypatch.setattr(sft, "sft_loss", nan_after(sft.sft_loss, 3))
+    monkeypatch.setattr(sft, "sft_nll", nan_after(sft.sft_nll, 3))
     out = tmp_path / "sft"
     with pytest.raises(UserError) as caught:
         sft.train_sft(sft_config(base, out, "max_steps=6", "save_every=2", "max_bad_steps=2"))
@@ -649,7 +649,7 @@ def test_out_of_memory_gives_advice(base, monkeypatch, tmp_path, stage, one_thre
     if stage == "sft":
         import audio_rft.train.sft as sft
 
-        monkeypatch.setattr(sft, "sft_loss", oom)
+        monkeypatch.setattr(sft, "sft_nll", oom)
         run = lambda: sft.train_sft(sft_config(base, tmp_path / "o", "max_steps=2"))  # noqa: E731
         kind = "SFT"
     else:

@@ -148,12 +148,11 @@ def setup_model(config: TrainConfig, layout: Layout, strategy: str):
 
 
 def optimizer_factory(config: TrainConfig, total_steps: int):
-    """AdamW over the given parameters (or a prepared optimizer) and the learning-rate schedule over it."""
+    """AdamW over the given parameters and the learning-rate schedule over it."""
     from transformers import get_scheduler
 
-    def make(params, optimizer=None):
-        if optimizer is None:
-            optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    def make(params):
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         scheduler = get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=config.warmup_steps,
                                   num_training_steps=total_steps)
         return optimizer, scheduler

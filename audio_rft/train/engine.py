@@ -11,7 +11,8 @@ engine must see such a call as a forward of the module it manages, or it silentl
   forward method of the root (`register_fsdp_forward_method`), so the root's own parameters
   (embeddings, head, projector, encoder convolutions) are gathered for it and reduce-scattered after
   backward, while each layer gathers its shard when it is called;
-- `deepspeed`: the same `Passes` module prepared by accelerate's DeepSpeed plugin (ZeRO-2 or ZeRO-3).
+- `deepspeed`: the same `Passes` module handed to `deepspeed.initialize` (ZeRO-2 or ZeRO-3); launch it
+  with torchrun or `accelerate launch` like the others.
 
 The engine averages gradients; nothing here is a hand-written collective on them. Mixed precision:
 with `dtype=bf16`, weights that train are kept in fp32 (master weights, fp32 AdamW state) and compute
@@ -67,7 +68,6 @@ class Layout:
     rank: int = 0
     world: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    accelerator: Any = None  # accelerate's Accelerator, for the deepspeed strategy only
 
     @property
     def main(self) -> bool:
@@ -108,14 +108,8 @@ def process_layout(config) -> Layout:
     """Start (or join) the process group that torchrun / accelerate launch describe in the environment."""
     from accelerate import PartialState
 
-    cpu = config.device == "cpu" or not torch.cuda.is_available()
-    accelerator = None
-    if config.strategy == "deepspeed":
-        accelerator = _deepspeed_accelerator(config, cpu)
-        state = accelerator.state
-    else:
-        state = PartialState(cpu=cpu)
-    return Layout(state.process_index, state.num_processes, torch.device(state.device), accelerator)
+    state = PartialState(cpu=config.device == "cpu" or not torch.cuda.is_available())
+    return Layout(state.process_index, state.num_processes, torch.device(state.device))
 
 
 def resolve_strategy(strategy: str, world: int) -> str:
@@ -128,26 +122,28 @@ def resolve_strategy(strategy: str, world: int) -> str:
     return strategy
 
 
-def _deepspeed_accelerator(config, cpu: bool):
-    try:
-        import deepspeed  # noqa: F401
-    except ImportError:
-        raise UserError("strategy=deepspeed needs DeepSpeed: pip install 'audio-rft[deepspeed]' "
-                        "(or choose strategy=fsdp, which needs nothing more)") from None
-    from accelerate import Accelerator, DeepSpeedPlugin
-
+def deepspeed_config(config, compute_dtype: torch.dtype) -> dict:
+    """ZeRO-2/3 with our batch, accumulation and clipping; bf16 keeps fp32 master weights in the optimizer."""
     if config.zero_stage not in (2, 3):
         raise UserError(f"zero_stage {config.zero_stage}: choose 2 or 3")
-    sixteen = config.dtype in ("bf16", "bfloat16") or (config.dtype == "auto" and not cpu)
-    plugin = DeepSpeedPlugin(hf_ds_config={
+    return {
         "train_micro_batch_size_per_gpu": config.batch_size,
         "gradient_accumulation_steps": config.grad_accum,
         "gradient_clipping": config.max_grad_norm or 0.0,
         "zero_optimization": {"stage": config.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
-        "bf16": {"enabled": sixteen},
+        "bf16": {"enabled": compute_dtype == torch.bfloat16},
         "zero_allow_untested_optimizer": True,
-    })
-    return Accelerator(cpu=cpu, deepspeed_plugin=plugin, mixed_precision="bf16" if sixteen else "no")
+        "steps_per_print": 2**31 - 1,
+    }
+
+
+def _import_deepspeed():
+    try:
+        import deepspeed
+    except ImportError:
+        raise UserError("strategy=deepspeed needs DeepSpeed: pip install 'audio-rft[deepspeed]' "
+                        "(or choose strategy=fsdp, which needs nothing more)") from None
+    return deepspeed
 
 
 # ---------------------------------------------------------------- the engine
@@ -254,9 +250,11 @@ class Engine:
         None where `model.save_pretrained` can read the weights itself (one process or DDP, no cast needed).
         """
         if self.strategy == "deepspeed":
-            state = self.layout.accelerator.get_state_dict(self.wrapped)
+            state = self.wrapped._zero3_consolidated_16bit_state_dict() if self.wrapped.zero_optimization_stage() == 3 \
+                else self.wrapped.module.state_dict()
             prefix = "base_model.model." if lora else ""
-            state = None if state is None else {prefix + k.removeprefix("core."): v for k, v in state.items()}
+            state = None if state is None else {prefix + k.removeprefix("core."): v for k, v in state.items()
+                                                if not lora or "lora_" in k}
         elif self.strategy == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -368,10 +366,14 @@ def build_engine(config, layout: Layout, model: torch.nn.Module, compute_dtype: 
             _fully_shard(engine.reference, compute_dtype)
         engine.optimizer, engine.scheduler = make_optimizer(engine.trainable)  # over the local shards
     else:
-        optimizer, _ = make_optimizer(engine.trainable)
-        engine.wrapped, optimizer = layout.accelerator.prepare(Passes(core), optimizer)
-        engine.optimizer = optimizer
-        _, engine.scheduler = make_optimizer(None, optimizer)
+        deepspeed = _import_deepspeed()
+        # The schedule drives the base optimizer's param_groups, which DeepSpeed's ZeRO optimizer steps with.
+        optimizer, engine.scheduler = make_optimizer(engine.trainable)
+        if config.zero_stage == 3:  # the encoder reads its position table directly, not through a module call
+            deepspeed.zero.register_external_parameter(core.model.audio_tower,
+                                                       core.model.audio_tower.embed_positions.weight)
+        engine.wrapped, engine.optimizer, _, _ = deepspeed.initialize(
+            model=Passes(core), optimizer=optimizer, config=deepspeed_config(config, compute_dtype))
         if engine.reference is not None:
             engine.reference.to(layout.device)
     return engine

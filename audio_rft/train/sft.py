@@ -58,16 +58,28 @@ def target_tokens(processor, samples, config: SFTConfig) -> int:
     return int(target_batch(processor, samples, sample_modes(samples, config.prompt_mode), config.max_target_tokens)[1].sum())
 
 
-def sft_loss(core, processor, folder: str, samples, config: SFTConfig) -> tuple[torch.Tensor, int]:
-    """Mean negative log-likelihood of the target tokens given audio + prompt."""
-    from audio_rft.rollout import completion_logprobs, encode_prompts, load_waveforms
+def sft_inputs(processor, folder: str, samples, config: SFTConfig, device) -> tuple:
+    """The prompt batch and the target ids and mask of a micro-batch (tokenizing and featurizing: no model)."""
+    from audio_rft.rollout import encode_prompts, load_waveforms
 
     modes = sample_modes(samples, config.prompt_mode)
-    batch = encode_prompts(processor, samples, load_waveforms(folder, samples), modes).to(core.device)
-    ids, mask = (t.to(core.device) for t in target_batch(processor, samples, modes, config.max_target_tokens))
+    batch = encode_prompts(processor, samples, load_waveforms(folder, samples), modes).to(device)
+    ids, mask = (t.to(device) for t in target_batch(processor, samples, modes, config.max_target_tokens))
+    return batch, ids, mask
+
+
+def sft_nll(core, batch, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean negative log-likelihood of the target tokens given audio + prompt, and how many tokens."""
+    from audio_rft.rollout import completion_logprobs
+
     logprobs = completion_logprobs(core, batch, ids, 1)
     tokens = int(mask.sum())
     return -(logprobs * mask).sum() / tokens, tokens
+
+
+def sft_loss(core, processor, folder: str, samples, config: SFTConfig) -> tuple[torch.Tensor, int]:
+    """sft_nll of a micro-batch of samples."""
+    return sft_nll(core, *sft_inputs(processor, folder, samples, config, core.device))
 
 
 def train_sft(config: SFTConfig, fresh: bool = False) -> Path:
@@ -96,7 +108,8 @@ def train_sft(config: SFTConfig, fresh: bool = False) -> Path:
             step_tokens = sum(run.layout.gather_objects(sum(target_tokens(run.processor, b, config) for b in micro_batches)))
             for micro, batch_samples in enumerate(micro_batches):
                 engine.sync_gradients(micro == config.grad_accum - 1)
-                loss, tokens = engine.run(sft_loss, run.processor, config.data, batch_samples, config)
+                inputs = sft_inputs(run.processor, config.data, batch_samples, config, run.layout.device)
+                loss, tokens = engine.run(sft_nll, *inputs)
                 share = tokens * run.layout.world / step_tokens
                 engine.backward(loss * share)
                 loss_sum, token_count = loss_sum + float(loss.detach()) * share, token_count + tokens
