@@ -191,3 +191,19 @@ def test_deepspeed_matches_one_process(runs, tiny_model, synth_data, plugin_dir)
             for ma, mb in zip(a, b):
                 assert mb["loss"] == pytest.approx(ma["loss"], rel=1e-5, abs=1e-7), (stage, name, ma["step"])
             assert_same_weights(final_weights(runs / "one" / name), final_weights(runs / f"zero{stage}" / name), atol=1e-5)
+
+
+@pytest.mark.parametrize("launch_config, strategy", [("fsdp.yaml", "fsdp"), ("deepspeed-zero3.yaml", "deepspeed")])
+def test_accelerate_launch_configs_pick_the_engine(tiny_model, synth_data, plugin_dir, tmp_path, launch_config, strategy):
+    """`accelerate launch --config_file pipelines/accelerate/X.yaml` with strategy=auto trains under that engine."""
+    if strategy == "deepspeed" and deepspeed_or_reason():
+        pytest.skip(deepspeed_or_reason())
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "pipelines" / "accelerate" / launch_config), "--num_processes", "2", "--main_process_port", "0",
+               "-m", "audio_rft", "sft", f"model={tiny_model}", f"data={synth_data / 'train'}", f"out={out}",
+               "max_steps=1", "batch_size=2", "report_to=[]", "device=cpu", "save_every=0", "threads=1"]
+    done = subprocess.run(command, env=env(plugin_dir), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-4000:]
+    engine = json.loads((out / "run.json").read_text())["engine"]
+    assert engine["strategy"] == strategy and engine["processes"] == 2

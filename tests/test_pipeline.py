@@ -251,8 +251,8 @@ def test_r1_aqa_pipeline_resolves_without_running(tmp_path):
 
     pipe = load_pipeline(ROOT / "pipelines" / "r1-aqa.yaml", out=tmp_path / "r1")
     kinds = {s.name: s.kind for s in pipe.stages}
-    assert kinds == {"avqa": "prepare", "mmau": "prepare", "grpo": "grpo", "grpo-think": "grpo", "sft-lora": "sft",
-                     "sft-full": "sft", "eval": "eval", "report": "report"}
+    assert kinds == {"avqa": "prepare", "mmau": "prepare", "grpo": "grpo", "grpo-think": "grpo", "grpo-full": "grpo",
+                     "sft-lora": "sft", "sft-full": "sft", "eval": "eval", "report": "report"}
     grpo = pipe.stage("grpo").config
     assert isinstance(grpo, GRPOConfig) and grpo.out == str(tmp_path / "r1" / "grpo")
     assert (grpo.model, grpo.dtype, grpo.lora, grpo.prompt_mode) == ("Qwen/Qwen2-Audio-7B-Instruct", "bf16", True, "answer")
@@ -260,13 +260,16 @@ def test_r1_aqa_pipeline_resolves_without_running(tmp_path):
     assert (grpo.batch_size, grpo.grad_accum, grpo.max_steps, grpo.save_every) == (1, 2, 1000, 100)
     assert grpo.data == str(tmp_path / "r1" / "avqa") and pipe.stage("grpo").deps == ["avqa"]
     assert pipe.stage("grpo-think").config.prompt_mode == "think"
+    full = pipe.stage("grpo-full")  # R1-AQA's own run: all parameters, lr 1e-6, sharded over 8 GPUs
+    assert (full.config.lora, full.config.lr, full.config.batch_size, full.config.grad_accum) == (False, 1e-6, 1, 2)
+    assert "accelerate/fsdp.yaml --num_processes 8" in " ".join(full.launch) and "ddp.yaml" in " ".join(pipe.stage("grpo").launch)
     sft = {name: pipe.stage(name).config for name in ("sft-lora", "sft-full")}
     assert all(isinstance(c, SFTConfig) and c.prompt_mode == "direct" for c in sft.values())
     assert (sft["sft-lora"].lora, sft["sft-full"].lora) == (True, False)
     variants = {v.name: v.config for v in pipe.stage("eval").variants}
     assert all(isinstance(c, InferConfig) and c.data == str(tmp_path / "r1" / "mmau") for c in variants.values())
     assert variants["grpo"].adapter == str(tmp_path / "r1" / "grpo" / "final") and variants["grpo-no-audio"].ablate_audio
-    assert pipe.stage("report").config.paper_table
+    assert pipe.stage("report").config.paper_table is None  # the user's copy of their table, when they have one
     outcomes = run_pipeline(pipe, dry_run=True)  # touches nothing
     assert [o.status for o in outcomes] == ["would run"] * len(outcomes) and not (tmp_path / "r1").exists()
 

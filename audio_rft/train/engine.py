@@ -26,6 +26,7 @@ parameters collectively): trainers keep pass counts equal and `sample` runs unti
 from __future__ import annotations
 
 import json
+import os
 import random
 import types
 from contextlib import nullcontext
@@ -113,10 +114,17 @@ def process_layout(config) -> Layout:
 
 
 def resolve_strategy(strategy: str, world: int) -> str:
+    """`auto` follows the launcher: an accelerate config of type FSDP or DEEPSPEED picks that engine
+    (pipelines/accelerate/), anything else DDP for several processes and none for one."""
     if strategy not in STRATEGIES:
         raise UserError(f"strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
     if strategy == "auto":
-        return "ddp" if world > 1 else "none"
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+            strategy = "fsdp"
+        elif os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+            return "deepspeed"
+        else:
+            return "ddp" if world > 1 else "none"
     if strategy in ("ddp", "fsdp") and world == 1:
         return "none"  # one process: nothing to average or shard
     return strategy
@@ -124,17 +132,24 @@ def resolve_strategy(strategy: str, world: int) -> str:
 
 def deepspeed_config(config, compute_dtype: torch.dtype) -> dict:
     """ZeRO-2/3 with our batch, accumulation and clipping; bf16 keeps fp32 master weights in the optimizer."""
-    if config.zero_stage not in (2, 3):
-        raise UserError(f"zero_stage {config.zero_stage}: choose 2 or 3")
+    stage = zero_stage(config)
+    if stage not in (2, 3):
+        raise UserError(f"zero_stage {stage}: choose 2 or 3")
     return {
         "train_micro_batch_size_per_gpu": config.batch_size,
         "gradient_accumulation_steps": config.grad_accum,
         "gradient_clipping": config.max_grad_norm or 0.0,
-        "zero_optimization": {"stage": config.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
+        "zero_optimization": {"stage": stage, "stage3_gather_16bit_weights_on_model_save": True},
         "bf16": {"enabled": compute_dtype == torch.bfloat16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
     }
+
+
+def zero_stage(config) -> int:
+    """The config's zero_stage, or the accelerate launch config's when the strategy is left to the launcher."""
+    launcher = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    return int(launcher) if config.strategy == "auto" and launcher else config.zero_stage
 
 
 def _import_deepspeed():
@@ -369,7 +384,7 @@ def build_engine(config, layout: Layout, model: torch.nn.Module, compute_dtype: 
         deepspeed = _import_deepspeed()
         # The schedule drives the base optimizer's param_groups, which DeepSpeed's ZeRO optimizer steps with.
         optimizer, engine.scheduler = make_optimizer(engine.trainable)
-        if config.zero_stage == 3:  # the encoder reads its position table directly, not through a module call
+        if zero_stage(config) == 3:  # the encoder reads its position table directly, not through a module call
             deepspeed.zero.register_external_parameter(core.model.audio_tower,
                                                        core.model.audio_tower.embed_positions.weight)
         engine.wrapped, engine.optimizer, _, _ = deepspeed.initialize(
