@@ -225,17 +225,19 @@ def step_flops(shapes: dict, prompt_tokens: int, audio_frames: int, G: int, L: i
 class OursStep:
     """audio-rft's GRPO step, built from the same functions train_grpo uses (LoRA, β = 0.04 via disable_adapter)."""
 
-    def __init__(self, model_dir: str, G: int, seed: int = 0, lr: float = 1e-5, strategy: str = "none"):
+    def __init__(self, model_dir: str, G: int, seed: int = 0, lr: float = 1e-5, strategy: str = "none",
+                 lora: bool = True):
         from audio_rft.train.common import optimizer_factory, setup_model
         from audio_rft.train.engine import build_engine, process_layout, resolve_strategy
         from audio_rft.train.grpo import GRPOConfig, build_reward_fns
 
-        self.config = GRPOConfig(model=str(model_dir), data="-", out="-", lora=True, device="cpu", lr=lr,
+        self.config = GRPOConfig(model=str(model_dir), data="-", out="-", lora=lora, device="cpu", lr=lr,
                                  num_generations=G, beta=0.04, batch_size=1, grad_accum=1, seed=seed, strategy=strategy)
         layout = process_layout(self.config)
         resolved = resolve_strategy(strategy, layout.world)
         self.processor, model, compute = setup_model(self.config, layout, resolved)
-        self.engine = build_engine(self.config, layout, model, compute, optimizer_factory(self.config, 10_000), False)
+        self.engine = build_engine(self.config, layout, model, compute, optimizer_factory(self.config, 10_000),
+                                   keep_reference=not lora)
         self.reward_fns, self.weights = build_reward_fns(self.config)
         self.G, self.seed = G, seed
 

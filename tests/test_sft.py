@@ -234,3 +234,18 @@ def test_sft_held_out_accuracy_rises_well_above_untrained(tmp_path):
     chance = sum(1 / len(s.choices) for s in load_dataset(tmp_path / "bench" / "test")) / 90
     assert after > before + 0.3, (before, after)
     assert after > chance + 0.05, (chance, after)
+
+
+def test_report_to_a_logger_that_is_not_installed_is_a_one_line_error(monkeypatch):
+    import importlib.util
+
+    from audio_rft import UserError
+    from audio_rft.train.common import check_report_to
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(UserError, match=r"report_to=tensorboard needs tensorboard.*audio-rft\[tensorboard\]"):
+        check_report_to(["tensorboard"])
+    with pytest.raises(UserError, match="unknown logger 'tensorbord'"):
+        check_report_to(["tensorbord"])
+    check_report_to([])  # the default: metrics.jsonl only

@@ -276,7 +276,8 @@ def checkpoint_or_stop(path: Path, last_good: Path | None, **kwargs) -> Path:
 
 
 class MetricsLog:
-    """metrics.jsonl (one line per step), plus TensorBoard / W&B when installed and asked for."""
+    """metrics.jsonl (one line per step), plus TensorBoard / W&B when asked for (check_report_to made sure
+    they are installed)."""
 
     def __init__(self, out: Path, resume_step: int, config: TrainConfig):
         self.path = out / "metrics.jsonl"
@@ -288,19 +289,13 @@ class MetricsLog:
                 atomic_write_text_lines(path, keep)
         self.writers = []
         if "tensorboard" in config.report_to:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter
 
-                self.writers.append(("tb", SummaryWriter(str(out / "tensorboard"))))
-            except ImportError:
-                pass
+            self.writers.append(("tb", SummaryWriter(str(out / "tensorboard"))))
         if "wandb" in config.report_to:
-            try:
-                import wandb
+            import wandb
 
-                self.writers.append(("wandb", wandb.init(project="audio-rft", config=config_to_dict(config), dir=str(out))))
-            except ImportError:
-                print("report_to=wandb but wandb is not installed; skipping", file=sys.stderr)
+            self.writers.append(("wandb", wandb.init(project="audio-rft", config=config_to_dict(config), dir=str(out))))
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
@@ -459,8 +454,24 @@ class Run:
         return dict(engine=self.engine, processor=self.processor, config=self.config, metrics=self.metrics)
 
 
+REPORTERS = {"tensorboard": ("tensorboard", "pip install 'audio-rft[tensorboard]'"), "wandb": ("wandb", "pip install wandb")}
+
+
+def check_report_to(report_to: list[str]) -> None:
+    """Asked-for loggers must be installed: a run that silently logs nowhere is found out too late."""
+    import importlib.util
+
+    for name in report_to:
+        if name not in REPORTERS:
+            raise UserError(f"report_to: unknown logger {name!r}; choose from {', '.join(REPORTERS)} (or [] for none)")
+        module, install = REPORTERS[name]
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"report_to={name} needs {module}, which is not installed: {install} (or report_to=[])")
+
+
 def start_run(config: TrainConfig, fresh: bool, schedule_steps: int, desc: str, keep_reference: bool = False) -> Run:
     """Processes, model, strategy, optimizer, resume from the newest complete checkpoint, logs."""
+    check_report_to(config.report_to)
     layout = process_layout(config)
     strategy = resolve_strategy(config.strategy, layout.world)
     seed_everything(config.seed)

@@ -7,10 +7,10 @@ engine must see such a call as a forward of the module it manages, or it silentl
 
 - `ddp`: `Passes`, a thin module whose forward runs `fn`, wrapped by DistributedDataParallel, so the
   reducer averages gradients in backward (DDP around the model, with calls on `.module`, never syncs);
-- `fsdp`: `fully_shard` on every encoder and decoder layer, then on the root, and `fn` registered as a
-  forward method of the root (`register_fsdp_forward_method`), so the root's own parameters
-  (embeddings, head, projector, encoder convolutions) are gathered for it and reduce-scattered after
-  backward, while each layer gathers its shard when it is called;
+- `fsdp`: `fully_shard` on every encoder and decoder layer, the embeddings and the head, then on the
+  root, and `fn` registered as a forward method of the root (`register_fsdp_forward_method`), so the
+  root's own parameters (projector, encoder convolutions, norms) are gathered for it and
+  reduce-scattered after backward, while each unit gathers its shard when it is called;
 - `deepspeed`: the same `Passes` module handed to `deepspeed.initialize` (ZeRO-2 or ZeRO-3); launch it
   with torchrun or `accelerate launch` like the others.
 
@@ -408,6 +408,12 @@ def _fully_shard(core: torch.nn.Module, compute_dtype: torch.dtype) -> None:
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for layer in [*core.model.audio_tower.layers, *core.model.language_model.layers]:
         fully_shard(layer, mp_policy=policy)
+    # The embeddings and the head are a large share of the 7B (2 x 156,032 x 4,096) and of the small presets:
+    # their own units, gathered only while called, not for a whole pass as the root is. Tied, they are one unit.
+    embed, head = core.get_input_embeddings(), core.lm_head
+    fully_shard([embed, head] if head.weight is embed.weight else embed, mp_policy=policy)
+    if head.weight is not embed.weight:
+        fully_shard(head, mp_policy=policy)
     fully_shard(core, mp_policy=policy)
     setattr(core, PASS_METHOD, types.MethodType(_run_pass, core))
     register_fsdp_forward_method(core, PASS_METHOD)
