@@ -36,7 +36,7 @@ def _tokens(text: str) -> set[str]:
 
 
 def mmau_match(prediction: str, answer: str, choices: list[str]) -> bool:
-    """The MMAU benchmark's rule, decision for decision (shared/data/README.md).
+    """The MMAU benchmark's rule, decision for decision (docs/design.md, "How MMAU scores a prediction").
 
     Correct when the prediction has a word token, holds every token of the answer, and holds no token
     of a wrong choice (a wrong choice's tokens minus the answer's; a choice with the answer's token set

@@ -19,7 +19,7 @@ from audio_rft.fileio import atomic_dir
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"]
 # Ids that must never be sampled: a generated <|AUDIO|> makes the next forward pass fail with
-# "Audio features and audio tokens do not match" (DESIGN.md, pitfalls).
+# "Audio features and audio tokens do not match" (docs/design.md, pitfalls).
 NEVER_GENERATE = ["<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>", "<|im_start|>"]
 
 # Qwen2-Audio-7B-Instruct's chat layout: a system turn, then "Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\n" + text.
@@ -81,7 +81,7 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int):
     tokenizer = Qwen2Tokenizer(vocab=state["vocab"], merges=merges, unk_token=None,
                                eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
-    # Without this the tokenizer emits token_type_ids, which generate() refuses (DESIGN.md, pitfalls).
+    # Without this the tokenizer emits token_type_ids, which generate() refuses (docs/design.md, pitfalls).
     tokenizer.model_input_names = ["input_ids", "attention_mask"]
     tokenizer.padding_side = "left"
     return tokenizer

@@ -48,9 +48,3 @@ def get_reward(name: str, **options: object) -> RewardFn:
     else:
         raise ValueError(f"unknown reward {name!r}: built in are {', '.join(REWARDS)}, or name pkg.module:function")
     return functools.partial(fn, **options) if options else fn
-
-
-def weighted_sum(per_reward: dict[str, list[float]], weights: dict[str, float]) -> list[float]:
-    names = list(per_reward)
-    n = len(per_reward[names[0]]) if names else 0
-    return [sum(weights.get(name, 1.0) * per_reward[name][i] for name in names) for i in range(n)]

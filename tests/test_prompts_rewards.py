@@ -10,7 +10,7 @@ from audio_rft import UserError
 from audio_rft.answers import extract_answer, follows_format, is_correct
 from audio_rft.data.schema import Sample
 from audio_rft.prompts import PROMPT_MODES, chat_messages, prompt_text, target_text
-from audio_rft.rewards import REWARDS, accuracy, format as format_reward, get_reward, weighted_sum
+from audio_rft.rewards import REWARDS, accuracy, format as format_reward, get_reward
 
 QUESTION = "What animal is heard?"
 CHOICES = ["dog", "cat", "bird"]
@@ -177,16 +177,6 @@ def test_format_reward(mode, expected):
     samples = [sample()] * len(COMPLETIONS)
     assert format_reward(COMPLETIONS, samples, mode=mode) == expected
     assert get_reward("format", mode=mode)(COMPLETIONS, samples) == expected
-
-
-@pytest.mark.parametrize("parts, weights, expected", [
-    ({"accuracy": [1.0, 0.0, 1.0], "format": [1.0, 1.0, 0.0]}, {}, [2.0, 1.0, 1.0]),
-    ({"accuracy": [1.0, 0.0, 1.0], "format": [1.0, 1.0, 0.0]}, {"accuracy": 2.0, "format": 0.5}, [2.5, 0.5, 2.0]),
-    ({"accuracy": [1.0, 0.0]}, {"format": 3.0}, [1.0, 0.0]),
-    ({}, {}, []),
-])
-def test_weighted_sum(parts, weights, expected):
-    assert weighted_sum(parts, weights) == expected
 
 
 def test_registry():

@@ -1,4 +1,4 @@
-"""One record per question, MMAU-compatible field names (DESIGN.md "The sample")."""
+"""One record per question, MMAU-compatible field names (docs/design.md, "The data's path")."""
 
 from __future__ import annotations
 

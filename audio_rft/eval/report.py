@@ -1,6 +1,6 @@
 """`audio-rft report`: variants side by side as the paper's Table 1 reads, with the checks a small test set needs.
 
-Raw accuracy alone misleads on a few hundred items (DESIGN.md "Measuring honestly"): a model that always
+Raw accuracy alone misleads on a few hundred items (docs/design.md, "Measuring honestly"): a model that always
 gives one answer scores that answer's share, and evaluations swing by several points. So every cell
 carries a 95% bootstrap interval, every pair of variants gets a paired test on the same items, and beside
 raw accuracy sit balanced accuracy, the answer distribution, format compliance and completion length.

@@ -1,4 +1,4 @@
-"""`audio-rft score`: the MMAU benchmark's scoring, decision for decision (shared/data/README.md).
+"""`audio-rft score`: the MMAU benchmark's scoring, decision for decision (docs/design.md, "How MMAU scores a prediction").
 
 Input is MMAU's prediction format: a JSON list of items (id, question, choices, answer, task, difficulty,
 sub-category / sub_category, …) each with `model_prediction` (or only `model_output`, read raw as

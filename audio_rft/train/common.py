@@ -79,13 +79,13 @@ class TrainConfig:
 
 
 def parse_train_args(cls: type, argv: list[str], prog: str):
-    """`--config FILE [key=value ...]` (bare key=value works without a file); `--help` lists every key."""
+    """`--config FILE [key=value ...]` (bare key=value works without a file); `--help` lists every key.
+    A run resumes from its newest complete checkpoint by itself; `--fresh` starts over."""
     import argparse
 
     parser = argparse.ArgumentParser(prog=f"audio-rft {prog}", formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=config_help(cls))
     parser.add_argument("--config", help="YAML config file")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint (the default when one exists)")
     parser.add_argument("--fresh", action="store_true", help="ignore existing checkpoints in out/ and start over")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
@@ -236,9 +236,12 @@ def _plain_architecture(folder: Path) -> None:
 
 
 def prune_checkpoints(out: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints that carry a COMPLETE marker. Each was verified when it was written
+    (its marker lists the checksums of the files just written); re-hashing every kept checkpoint at every
+    save would read tens of GB per save at 7B full fine-tuning. Resume verifies its candidate in full."""
     if keep <= 0:
         return
-    complete = [p for _, p in checkpoint_dirs(out) if is_complete(p)]
+    complete = [p for _, p in checkpoint_dirs(out) if (p / COMPLETE).is_file()]
     for path in complete[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
 

@@ -1,5 +1,5 @@
 """GRPO for Qwen2-Audio, readable top to bottom: sample G answers per audio question, reward them,
-normalise rewards within each group, and take a clipped policy-gradient step (DESIGN.md "GRPO").
+normalise rewards within each group, and take a clipped policy-gradient step (docs/design.md, "One GRPO step").
 
 TRL's GRPOTrainer takes no audio; this loop does, and encodes each clip and prompt once for all G
 completions (audio_rft.rollout). Defaults are R1-AQA's, with a LoRA learning rate.
@@ -41,7 +41,8 @@ class GRPOConfig(TrainConfig):
     epsilon_low: float = option(0.2, "lower clip range: ratio >= 1 - epsilon_low")
     epsilon_high: float = option(0.2, "upper clip range: ratio <= 1 + epsilon_high")
     num_iterations: int = option(1, "mu: optimizer updates per rollout batch")
-    loss_type: str = option("sequence", "loss aggregation: sequence (mean per completion), token (mean over tokens), constant (Dr. GRPO)")
+    loss_type: str = option("sequence", "loss aggregation: sequence (mean per completion), token (mean over the "
+                                        "micro-batch's tokens: TRL's bnpo), constant (Dr. GRPO)")
     skip_equal_groups: bool = option(False, "drop groups whose rewards are all equal (they carry no signal)")
     log_completions_every: int = option(10, "append sampled completions to completions.jsonl every N steps")
 
@@ -66,10 +67,12 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, ref_log
         KL_it = exp(ref_it − log π_it) − (ref_it − log π_it) − 1   (k3 estimator; ref = reference policy)
 
         sequence: L = 1/N Σ_i (Σ_t m_it ℓ_it) / (Σ_t m_it)            (GRPO paper, R1-AQA)
-        token:    L = Σ_it m_it ℓ_it / Σ_it m_it                      (DAPO)
+        token:    L = Σ_it m_it ℓ_it / Σ_it m_it                      (per micro-batch: TRL's "bnpo",
+                                                                       not DAPO's mean over the global batch)
         constant: L = Σ_it m_it ℓ_it / (N · max_completion_length)    (Dr. GRPO)
 
-    Shapes: logprobs/old/ref/mask (N, T); advantages (N,). Returns the loss and logged statistics.
+    Shapes: logprobs/old/ref/mask (N, L) for N completions of L tokens; advantages (N,). Returns the
+    loss and logged statistics.
     """
     valid = mask.bool()
     mask = mask.to(logprobs.dtype)
