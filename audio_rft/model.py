@@ -253,8 +253,9 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     """Recompute each decoder and encoder layer in backward instead of keeping its activations.
 
     Our passes keep the shared-prefix path under checkpointing (rollout.completion_logprobs): the
-    decoder layers get the prompt's cache read-only (rollout.ReadOnlyPrefix), which transformers
-    lets a checkpointed layer keep only when the layer says its recomputation reads the same states.
+    decoder layers get caches whose recomputation reads and writes exactly what the forward did
+    (rollout.PromptOnly, rollout.ReadOnlyPrefix), which transformers lets a checkpointed layer keep
+    only when the layer says so.
     """
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "enable_input_require_grads"):

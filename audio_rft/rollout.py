@@ -8,7 +8,6 @@ when computing the log-probs the loss needs. Logits are computed only at complet
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -16,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer
 
 from audio_rft.data.audio import read_wav
 from audio_rft.data.dataset import resolve_audio
@@ -213,12 +212,13 @@ def completion_logprobs(core, batch: PromptBatch, completion_ids: torch.Tensor, 
     GRPO passes its sampling temperature, so the policy it scores is the one it sampled from; at T=1
     scoring samples drawn at T=0.7 gives a biased gradient that sharpens the policy without learning.
 
-    With `shared_prefix` (what training uses) the prompt is prefilled once and its cache repeated G
-    times, gradients flowing through it; under gradient checkpointing too: the prefill runs without
-    checkpointing (one prompt's activations, not G), and each decoder layer of the completion pass is
-    checkpointed with the prefix handed to it read-only, so its recomputation sees the same keys and
-    values. Without `shared_prefix` the prompt embeddings are repeated and the whole sequence runs at
-    once: the plain reference the tests compare with. Both give the same numbers.
+    With `shared_prefix` (what training uses) and G > 1 the prompt is prefilled once and its cache
+    repeated G times, gradients flowing through it, under gradient checkpointing too: every decoder
+    layer, of the prefill and of the completion pass, may be checkpointed, because the prefill writes a
+    cache whose writes replace (PromptOnly) and the completion pass reads the repeated prefix read-only
+    (ReadOnlyPrefix), so a layer recomputed in backward sees exactly what its forward saw. Otherwise
+    the prompt embeddings are repeated and the whole sequence runs at once: the plain reference the
+    tests compare with, and all a single completion per prompt (SFT) needs. Both give the same numbers.
     """
     embeds = prompt_embeddings(core, batch)
     prompt_mask = batch.attention_mask.repeat_interleave(num_generations, 0)
@@ -226,11 +226,12 @@ def completion_logprobs(core, batch: PromptBatch, completion_ids: torch.Tensor, 
     full_mask = torch.cat([prompt_mask, torch.ones_like(completion_ids)], dim=1)
     positions = _positions(full_mask)
     lm = core.model.language_model
-    if shared_prefix:
-        with _layer_checkpointing_off(lm):
-            last, cache = prefill(core, embeds, batch.attention_mask, num_generations)
-        for layer in cache.layers:  # see ReadOnlyPrefix: the completion pass must not grow the prefix cache
-            layer.__class__ = ReadOnlyPrefix
+    if shared_prefix and num_generations > 1:
+        prompt_cache = Cache(layer_class_to_replicate=PromptOnly)
+        out = lm(inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=_positions(batch.attention_mask),
+                 past_key_values=prompt_cache, use_cache=True)
+        last = out.last_hidden_state[:, -1].repeat_interleave(num_generations, 0)
+        cache = Cache(layers=[ReadOnlyPrefix.repeated(layer, num_generations) for layer in prompt_cache.layers])
         out = lm(inputs_embeds=completion_embeds, attention_mask=full_mask,
                  position_ids=positions[:, prompt_mask.shape[1]:], past_key_values=cache, use_cache=True)
         hidden = torch.cat([last[:, None], out.last_hidden_state[:, :-1]], dim=1)
@@ -241,30 +242,34 @@ def completion_logprobs(core, batch: PromptBatch, completion_ids: torch.Tensor, 
     return token_logprobs(core.lm_head, hidden, completion_ids, chunk, temperature)
 
 
-class ReadOnlyPrefix(DynamicLayer):
-    """One layer's cached prompt keys/values that a forward reads but never extends.
+# transformers' DynamicLayer appends each forward's keys to the cache in place: a checkpointed layer recomputed
+# in backward would append them a second time. These two never grow, so recomputation is safe
+# (model.enable_gradient_checkpointing lets checkpointed decoder layers keep such a cache).
 
-    transformers' DynamicLayer appends each forward's keys to the cache in place; a checkpointed layer
-    recomputed in backward would then attend to its completion twice. This one returns prefix + new
-    and keeps the prefix as it is, so a recomputation reads exactly what the forward read
-    (model.enable_gradient_checkpointing lets checkpointed decoder layers take such a cache).
-    """
+
+class PromptOnly(DynamicLayer):
+    """One layer's cache of the prompt, written by the prefill alone: a write replaces, never appends."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys, self.values = key_states, value_states
+        return key_states, value_states
+
+
+class ReadOnlyPrefix(DynamicLayer):
+    """One layer's prompt keys/values, repeated per completion, that a forward reads but never extends."""
+
+    @classmethod
+    def repeated(cls, prompt: DynamicLayer, repeats: int) -> "ReadOnlyPrefix":
+        layer = cls()
+        layer.lazy_initialization(prompt.keys, prompt.values)
+        layer.keys = prompt.keys.repeat_interleave(repeats, 0)
+        layer.values = prompt.values.repeat_interleave(repeats, 0)
+        return layer
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
-
-
-@contextmanager
-def _layer_checkpointing_off(lm):
-    """Run the prefill as a plain forward: it writes the cache, which a recomputation would write twice."""
-    layers = [m for m in lm.modules() if getattr(m, "gradient_checkpointing", False)]
-    for layer in layers:
-        layer.gradient_checkpointing = False
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.gradient_checkpointing = True
 
 
 def token_logprobs(head, hidden: torch.Tensor, ids: torch.Tensor, chunk: int = 4096,

@@ -372,8 +372,9 @@ def build_engine(config, layout: Layout, model: torch.nn.Module, compute_dtype: 
             engine.autocast_dtype = compute_dtype
         if strategy == "ddp":
             device_ids = [layout.device.index] if layout.device.type == "cuda" else None
+            # gradient_as_bucket_view: gradients live in DDP's buckets instead of in a second copy
             engine.wrapped = torch.nn.parallel.DistributedDataParallel(
-                Passes(core), device_ids=device_ids, broadcast_buffers=False)
+                Passes(core), device_ids=device_ids, broadcast_buffers=False, gradient_as_bucket_view=True)
         engine.optimizer, engine.scheduler = make_optimizer(engine.trainable)
     elif strategy == "fsdp":
         _fully_shard(core, compute_dtype)
