@@ -1,25 +1,43 @@
 """`audio-rft plan`: estimate per-GPU memory of one GRPO or SFT step before renting the GPU.
 
-The estimate adds up what our own loop holds (audio_rft.train.grpo / sft, audio_rft.rollout), term by
-term, so each line of the table can be checked against the code:
+The estimate adds up what our own loop holds (audio_rft.train.grpo / sft, audio_rft.rollout, and the
+strategy's engine, audio_rft.train.engine), term by term, so each line of the table can be checked
+against the code. Static terms, by strategy (N GPUs; "/N": each GPU holds its shard):
 
-- weights in the model dtype (+ LoRA adapters, which PEFT keeps in fp32) and, for full fine-tuning with
-  β > 0, the frozen reference copy (LoRA needs none: the adapter is disabled instead);
-- gradients of the trainable parameters; AdamW's two states in fp32, plus an fp32 master copy when full
-  fine-tuning runs in bf16 (the mixed-precision convention; see docs/performance.md for what plain
-  torch AdamW on bf16 weights does instead);
-- training activations: without gradient checkpointing our loop prefills the prompt once and repeats its
-  KV cache G times (shared prefix: P + G·L tokens of activations, plus the G copies of the prompt's K/V
-  kept for backward); with checkpointing it cannot keep caches, so it repeats the prompt G times and
-  stores only each layer's input (G·(P + L) tokens) plus one layer's recomputation;
+- none / ddp (every GPU holds everything): LoRA keeps the base in the model dtype and PEFT's adapters in
+  fp32; full fine-tuning in 16 bits loads the whole model in fp32 (the weights are the master weights,
+  engine.master_dtype), so gradients are fp32 too and there is no separate master copy. AdamW's two
+  states are fp32. ddp adds the reducer's flat copy of the gradients (gradient_as_bucket_view is off);
+- fsdp (FSDP2 on every encoder and decoder layer and the root): weights loaded in fp32 (LoRA too),
+  weights, gradients and AdamW state /N;
+- zero3 (DeepSpeed): the module in the compute dtype /N, fp32 master weights, gradients and AdamW state
+  /N; zero2: the module replicated, the rest /N;
+- full fine-tuning with β > 0 keeps a frozen reference copy in the compute dtype: /N under fsdp,
+  replicated under DeepSpeed and none/ddp (LoRA needs none: the adapter is disabled instead).
+
+Phases, each on top of the static part:
+
+- training pass: gradients; activations: our loop prefills each prompt once and repeats its K/V G times
+  (shared prefix). Without gradient checkpointing it keeps activations for P + G·L tokens per prompt and
+  the G copies of the prompt's K/V for backward; with checkpointing the prefill still runs without it
+  (full activations for the P prompt tokens), and the completion pass (G·L tokens) keeps only each
+  layer's input plus one layer's recomputation, next to the G copies of the prompt's K/V;
 - logits (fp32) at completion positions only;
 - the rollout: a KV cache for B·G sequences of P + L tokens (rollout.prefill repeats the prompt cache G
   times with batch_repeat_interleave, so it is G real copies);
-- the reference pass (no gradients): its cache and one chunk of logits.
+- the reference pass (no gradients): its cache and one chunk of logits;
+- what the strategy adds to every pass: none/ddp full fine-tuning in 16 bits, torch.autocast's cached
+  16-bit casts of the trainable fp32 weights (kept until the pass ends); fsdp, the gathered root
+  (embeddings, head, projector, encoder convolutions: gathered for the whole pass) plus two gathered
+  layers (the one computing and the one prefetched), and in backward a unit's unsharded gradients and
+  their fp32 cast for the reduce-scatter; zero3, the largest module and the prefetch bucket gathered;
+  DeepSpeed, its reduce bucket.
 
-The peak is the static part (weights, reference copy, optimizer state) plus the largest phase (rollout,
-reference pass, or the training pass with its gradients). `audio-rft bench plan-check` compares the
-formulas with measured peaks of a real step on CPU; docs/performance.md records that comparison.
+The peak is the static part plus the largest phase (rollout, reference pass, or the training pass with
+its gradients), plus 1 GiB of CUDA context per GPU. `audio-rft plan --gpus N` prints the table for the
+chosen strategy and the per-GPU totals of ddp, fsdp and zero3 side by side. `audio-rft bench
+plan-check` compares the formulas with measured peaks of a real step on CPU; docs/performance.md
+records that comparison.
 """
 
 from __future__ import annotations
@@ -36,6 +54,10 @@ GIB = 2**30
 CUDA_CONTEXT_BYTES = 1 * GIB  # CUDA context + kernels: outside torch's allocator, on every GPU process
 HEADROOM = 0.10  # fragmentation / allocator slack we want left over before calling it a fit
 LOGPROB_CHUNK = 4096  # rollout.token_logprobs' chunk size
+STRATEGY_CHOICES = ("auto", "none", "ddp", "fsdp", "deepspeed", "zero2", "zero3")  # deepspeed: the config's zero_stage
+SIDE_BY_SIDE = ("ddp", "fsdp", "zero3")  # what `plan` compares for every stage
+ZERO3_PREFETCH_BUCKET = 50_000_000  # DeepSpeed's stage3_prefetch_bucket_size default (parameters)
+ZERO_REDUCE_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size default (elements)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # Qwen2-Audio-7B(-Instruct): config.json of the hub repos (no download needed to plan).
@@ -186,8 +208,42 @@ def _activation_elements_per_token_layer(t: dict, lora: bool, lora_dropout: floa
     return elements
 
 
-def estimate(kind: str, config, shapes: dict, prompt_tokens: int = 830, device: str = "cuda") -> dict:
-    """Per-device memory terms (bytes) of one `kind` ("grpo" or "sft") step for a GRPOConfig / SFTConfig."""
+def resolve_strategy(strategy: str, gpus: int, zero_stage: int = 3) -> str:
+    """The strategy a run of `gpus` processes gets (audio_rft.train.engine.resolve_strategy), with
+    deepspeed spelled by its ZeRO stage: none, ddp, fsdp, zero2 or zero3."""
+    if gpus < 1:
+        raise UserError(f"gpus {gpus}: need at least 1")
+    if strategy not in STRATEGY_CHOICES:
+        raise UserError(f"strategy {strategy!r}: choose one of {', '.join(STRATEGY_CHOICES)}")
+    if strategy == "auto":
+        return "ddp" if gpus > 1 else "none"
+    if strategy in ("ddp", "fsdp") and gpus == 1:
+        return "none"  # one process: nothing to average or shard
+    if strategy == "deepspeed":
+        if zero_stage not in (2, 3):
+            raise UserError(f"zero_stage {zero_stage}: choose 2 or 3")
+        return f"zero{zero_stage}"
+    return strategy
+
+
+def unit_parameters(shapes: dict) -> dict[str, int]:
+    """Parameters of the units FSDP2 gathers (engine._fully_shard: each encoder layer, each decoder layer,
+    and the root: embeddings, head, projector, encoder convolutions, position table and norms), and of the
+    largest single module (what ZeRO-3 gathers at once: the embedding table or the head)."""
+    a, t = shapes["audio"], shapes["text"]
+    d, ffn = a["d_model"], a["ffn"]
+    counts = parameter_counts(shapes)
+    encoder_layer = 4 * d * d + 2 * d * ffn + 8 * d + ffn
+    decoder_layer = lm_layer_params(t)
+    root = counts["total"] - a["layers"] * encoder_layer - t["layers"] * decoder_layer
+    return {"encoder_layer": encoder_layer, "decoder_layer": decoder_layer, "root": root,
+            "largest_module": max(counts["embeddings"], counts["lm_head"], t["hidden"] * t["intermediate"])}
+
+
+def estimate(kind: str, config, shapes: dict, prompt_tokens: int = 830, device: str = "cuda", gpus: int = 1,
+             strategy: str | None = None) -> dict:
+    """Per-GPU memory terms (bytes) of one `kind` ("grpo" or "sft") step for a GRPOConfig / SFTConfig, on
+    `gpus` GPUs under `strategy` (default: the config's; auto is ddp on several GPUs, else none)."""
     a, t = shapes["audio"], shapes["text"]
     counts = parameter_counts(shapes)
     dtype = config.dtype
@@ -196,6 +252,13 @@ def estimate(kind: str, config, shapes: dict, prompt_tokens: int = 830, device: 
     if dtype not in DTYPE_BYTES:
         raise UserError(f"dtype {config.dtype!r}: plan knows bf16, fp16, fp32 and auto")
     w = DTYPE_BYTES[dtype]
+    mixed = w < 4  # 16-bit compute
+    strategy = resolve_strategy(strategy or getattr(config, "strategy", "auto"), gpus, getattr(config, "zero_stage", 3))
+    N = gpus if strategy in ("fsdp", "zero2", "zero3") else 1
+
+    def shard(nbytes: int) -> int:  # one rank's share (FSDP2 pads each parameter to a multiple of N)
+        return -(-nbytes // N)
+
     grpo = kind == "grpo"
     B = config.batch_size
     G = config.num_generations if grpo else 1
@@ -206,25 +269,58 @@ def estimate(kind: str, config, shapes: dict, prompt_tokens: int = 830, device: 
     modules = _lora_modules(config.lora_targets)
     lora = config.lora
     projector = counts["projector"] if config.train_projector else 0
+    units = unit_parameters(shapes)
     terms: dict[str, int] = {}
     notes: list[str] = []
 
-    # static: weights, reference copy, optimizer state
-    terms["weights"] = counts["total"] * w
+    # static: weights, reference copy, optimizer state (engine.master_dtype: what the weights are loaded in)
     if lora:
         adapters = lora_parameters(t, config.lora_rank, config.lora_targets)
         trainable = adapters + projector
-        terms["lora_adapters"] = adapters * 4  # PEFT keeps adapters in fp32 (autocast_adapter_dtype)
-        grad_bytes = 4
+        root_trainable, layer_trainable = projector, adapters // layers
     else:
+        adapters = 0
         trainable = counts["language_model"] + projector
-        grad_bytes = w
+        root_trainable = counts["embeddings"] + counts["lm_head"] + t["hidden"] + projector
+        layer_trainable = units["decoder_layer"]
+    if strategy in ("none", "ddp"):
+        # LoRA: the base in the compute dtype, PEFT's adapters in fp32 (autocast_adapter_dtype). Full
+        # fine-tuning in 16 bits: the whole model loaded in fp32 (the weights are the master weights).
+        weight_bytes = w if lora else 4
+    elif strategy == "fsdp":
+        weight_bytes = 4  # sharded in one dtype: fp32 (FSDP2's policy gathers them in the compute dtype)
+    else:
+        weight_bytes = w  # DeepSpeed's bf16 mode holds the module in bf16; fp32 master weights in the optimizer
+    shard_weights = shard if strategy in ("fsdp", "zero3") else (lambda nbytes: nbytes)  # ZeRO-2: replicated
+    terms["weights"] = shard_weights(counts["total"] * weight_bytes)
+    if lora:
+        terms["lora_adapters"] = shard_weights(adapters * (w if strategy in ("zero2", "zero3") else 4))
     if grpo and config.beta and not lora:
-        terms["reference_model"] = counts["total"] * w
-    terms["optimizer_states"] = trainable * 2 * 4
-    if not lora and w < 4:
-        terms["fp32_master_weights"] = trainable * 4
+        reference = counts["total"] * w  # frozen, in the compute dtype (engine._frozen_copy)
+        terms["reference_model"] = shard(reference) if strategy == "fsdp" else reference  # DeepSpeed: replicated
+    terms["optimizer_states"] = shard(trainable * 2 * 4)
+    if strategy in ("zero2", "zero3") and mixed:
+        terms["fp32_master_weights"] = shard(trainable * 4)
+    grad_bytes = 4  # fp32: the trainable weights are fp32 (DeepSpeed: its fp32 gradient partition)
+    if strategy == "ddp":
+        terms["ddp_gradient_buckets"] = trainable * grad_bytes  # the reducer's flat copy (gradient_as_bucket_view off)
     static = sum(terms.values())
+
+    # what every pass of the policy holds on top, by strategy
+    per_pass: dict[str, int] = {}
+    if strategy in ("none", "ddp") and not lora and mixed:
+        # torch.autocast caches the 16-bit cast of every fp32 weight that requires grad until the pass ends
+        # (engine.run wraps a whole pass); without checkpointing backward keeps those casts anyway.
+        per_pass["autocast_weight_copies"] = trainable * w
+    elif strategy == "fsdp":
+        # the root (embeddings, head, projector, encoder convolutions) stays gathered for the whole pass;
+        # each layer is gathered when called, the next one prefetched
+        per_pass["gathered_parameters"] = (units["root"] + 2 * max(units["decoder_layer"], units["encoder_layer"])) * w
+    elif strategy == "zero3":
+        per_pass["gathered_parameters"] = (units["largest_module"] + ZERO3_PREFETCH_BUCKET) * w
+    # full fine-tuning's frozen reference: FSDP2 shards it and gathers its units the same way; under
+    # DeepSpeed it is a plain replicated module (nothing to gather)
+    gathered_reference = dict(per_pass) if strategy == "fsdp" else {}
 
     # training pass
     checkpointing = config.gradient_checkpointing
@@ -232,14 +328,21 @@ def estimate(kind: str, config, shapes: dict, prompt_tokens: int = 830, device: 
     attention_probs = device == "cpu"  # CPU attention with masks falls back to the math kernel, which keeps them
     heads = t["heads"]
     train: dict[str, int] = {}
-    train["gradients"] = trainable * grad_bytes
+    train["gradients"] = shard(trainable * grad_bytes)
+    if strategy == "fsdp" and mixed:
+        # a unit's gradients arrive unsharded in the compute dtype and are cast to fp32 to be reduce-scattered;
+        # the root's are held until the end of backward
+        train["unsharded_gradients"] = max(root_trainable, layer_trainable) * (w + 4)
+    elif strategy in ("zero2", "zero3"):
+        train["zero_reduce_bucket"] = min(trainable, ZERO_REDUCE_BUCKET) * w
     if checkpointing:
-        tokens = B * G * (P + L)  # no cache under checkpointing: the prompt is repeated G times
-        train["activations"] = tokens * h * w * layers + tokens * per_layer * w
+        # the prompt is prefilled once without checkpointing (full activations for B·P tokens); the completion
+        # pass (B·G·L tokens) keeps only each decoder layer's input, plus one layer's recomputation in backward
+        train["activations"] = B * P * per_layer * w * layers + B * G * L * h * w * layers + B * G * L * per_layer * w
+        if G > 1:  # the G copies of the prompt's K/V, read by every layer's recomputation, + one layer's prefix+new
+            train["prefix_kv_copies"] = B * G * P * kv_width * w * layers + B * G * (P + L) * kv_width * w
         if attention_probs:
-            train["attention_scores"] = B * G * heads * (P + L) ** 2 * w
-        if G > 1:
-            notes.append(f"gradient checkpointing: the prompt runs G={G} times in the policy pass (no shared prefix)")
+            train["attention_scores"] = layers * B * heads * P * P * w + B * G * heads * L * (P + L) * w
     else:
         tokens = B * (P + G * L)
         train["activations"] = tokens * per_layer * w * layers
@@ -251,6 +354,7 @@ def estimate(kind: str, config, shapes: dict, prompt_tokens: int = 830, device: 
     chunk = min(completion, LOGPROB_CHUNK)
     train["logits"] = completion * V * 4 + 3 * chunk * V * 4  # fp32 logits kept for backward + backward temporaries
     train["hidden_states"] = 3 * B * G * (P + L) * h * w  # embeddings, final norm, gathered hidden for the head
+    train.update(per_pass)
 
     phases: dict[str, dict[str, int]] = {"train": train}
     if grpo:
@@ -260,21 +364,23 @@ def estimate(kind: str, config, shapes: dict, prompt_tokens: int = 830, device: 
             "kv_cache": B * G * (P + L) * kv_width * w * layers + B * G * (P + L) * kv_width * w,  # + one layer's cat copy
             "prefill_transient": B * P * (per_layer * w + (heads * P * w if attention_probs else 0)) + audio_transient,
             "sampling_logits": 4 * B * G * V * 4,
+            **per_pass,
         }
         reference = {
             "kv_cache": B * G * (P + L) * kv_width * w * layers,
             "logits_chunk": chunk * V * (w + 8),
             "prefill_transient": B * P * per_layer * w + audio_transient,
         }
-        if config.beta:
-            phases["reference"] = reference
+        if config.beta:  # the frozen copy (no autocast cache: nothing in it requires grad), or LoRA's disabled adapter
+            phases["reference"] = {**reference, **(gathered_reference if not lora else per_pass)}
         if config.num_iterations > 1:
-            phases["old_policy"] = dict(reference)
+            phases["old_policy"] = {**reference, **per_pass}
     peaks = {name: sum(values.values()) for name, values in phases.items()}
     worst = max(peaks, key=peaks.get)
     peak = static + peaks[worst]
     total = peak + (CUDA_CONTEXT_BYTES if device != "cpu" else 0)
     return {"kind": kind, "dtype": dtype, "device": device, "lora": lora, "gradient_checkpointing": checkpointing,
+            "strategy": strategy, "gpus": gpus,
             "layout": {"prompts": B, "generations": G, "prompt_tokens": P, "completion_tokens": L},
             "parameters": counts, "trainable_parameters": trainable,
             "terms": {**terms, **{f"{worst}/{k}": v for k, v in phases[worst].items()}},
@@ -299,13 +405,19 @@ def verdict(total_bytes: int, gpu_gb: float) -> str:
     return f"does NOT fit on a {gpu_gb:g} GB GPU ({total_bytes / capacity:.0%} of it)"
 
 
+def fits(total_bytes: int, gpu_gb: float) -> bool:
+    return total_bytes <= gpu_gb * GIB * (1 - HEADROOM)
+
+
 def format_table(name: str, result: dict, gpu_gb: float) -> str:
     lay = result["layout"]
     mode = ("LoRA" if result["lora"] else "full") + (", gradient checkpointing" if result["gradient_checkpointing"] else "")
+    gpus = result.get("gpus", 1)
     lines = [f"{name}: {result['kind'].upper()} step, {result['dtype']}, {mode}; "
              f"{lay['prompts']} prompt(s) x G={lay['generations']}, "
              f"prompt {lay['prompt_tokens']} + {lay['completion_tokens']} tokens; "
-             f"{result['parameters']['total'] / 1e9:.2f}B parameters ({result['trainable_parameters'] / 1e6:,.1f}M trainable)"]
+             f"{result['parameters']['total'] / 1e9:.2f}B parameters ({result['trainable_parameters'] / 1e6:,.1f}M trainable); "
+             f"strategy {result.get('strategy', 'none')} on {gpus} GPU{'s' if gpus > 1 else ''}"]
     for key, value in result["static"].items():
         lines.append(f"  {key:<34}{value / GIB:>9.2f} GiB")
     for phase, values in result["phases"].items():
@@ -317,6 +429,12 @@ def format_table(name: str, result: dict, gpu_gb: float) -> str:
     if result["cuda_context_bytes"]:
         lines.append(f"  {'+ CUDA context':<34}{result['cuda_context_bytes'] / GIB:>9.2f} GiB")
     lines.append(f"  {'total per GPU':<34}{result['total_bytes'] / GIB:>9.2f} GiB: {verdict(result['total_bytes'], gpu_gb)}")
+    if result.get("strategies"):
+        cells = []
+        for label, other in result["strategies"].items():
+            resolved = f" (= {other['strategy']})" if other["strategy"] != label else ""
+            cells.append(f"{label}{resolved} {other['per_gpu_gib']:.2f} GiB {'fits' if other['fits'] else 'does NOT fit'}")
+        lines.append(f"  {'per GPU by strategy, ' + str(gpus) + ' GPU' + ('s' if gpus > 1 else ''):<34}" + " | ".join(cells))
     for note in result["notes"]:
         lines.append(f"  note: {note}")
     return "\n".join(lines)
@@ -403,7 +521,10 @@ def plan_targets(path: str | Path, kind: str = "auto",
 
 
 def plan(path: str | Path, gpu_gb: float = 80.0, kind: str = "auto", prompt_tokens: int = 830, device: str = "cuda",
-         overrides: list[str] | tuple[str, ...] = (), model: str | None = None) -> list[dict]:
+         overrides: list[str] | tuple[str, ...] = (), model: str | None = None, gpus: int = 1,
+         strategy: str | None = None) -> list[dict]:
+    """Per stage: the estimate under `strategy` (default: the stage config's) on `gpus` GPUs, with
+    `per_gpu_gib` and `fits`, and `strategies`: the same for ddp, fsdp and zero3 side by side."""
     from audio_rft.config import read_yaml
 
     data = read_yaml(path)
@@ -414,10 +535,16 @@ def plan(path: str | Path, gpu_gb: float = 80.0, kind: str = "auto", prompt_toke
         if not target_model:
             raise UserError(f"{name}: no model in the config; pass --model")
         shapes = _model_shapes(target_model, stages)
-        result = estimate(stage_kind, config, shapes, prompt_tokens, device)
+        result = estimate(stage_kind, config, shapes, prompt_tokens, device, gpus, strategy)
+        others = {label: estimate(stage_kind, config, shapes, prompt_tokens, device, gpus, label)
+                  for label in SIDE_BY_SIDE}
         result.update(name=name, model=target_model, shapes_source=shapes["source"], gpu_gb=gpu_gb,
-                      verdict=verdict(result["total_bytes"], gpu_gb),
-                      fits=result["total_bytes"] <= gpu_gb * GIB * (1 - HEADROOM))
+                      verdict=verdict(result["total_bytes"], gpu_gb), per_gpu_gib=round(result["total_bytes"] / GIB, 2),
+                      fits=fits(result["total_bytes"], gpu_gb),
+                      strategies={label: {"strategy": other["strategy"],
+                                          "per_gpu_gib": round(other["total_bytes"] / GIB, 2),
+                                          "fits": fits(other["total_bytes"], gpu_gb)}
+                                  for label, other in others.items()})
         results.append(result)
     return results
 
@@ -426,9 +553,15 @@ def add_parser(subparsers, command: str) -> None:
     parser = subparsers.add_parser(
         command, help="estimate GPU memory for a training config", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Estimate per-GPU memory of one GRPO or SFT step for a stage config YAML, or for every "
-                    "sft/grpo stage of a pipeline YAML (a top-level `stages:` list), and say whether it fits.")
+                    "sft/grpo stage of a pipeline YAML (a top-level `stages:` list), and say whether it fits; "
+                    "with --gpus N, side by side for ddp, fsdp and zero3 (sharded state divided by N).")
     parser.add_argument("--config", required=True, help="stage config YAML or pipeline YAML")
     parser.add_argument("--gpu-gb", type=float, default=80.0, help="GPU memory in GiB")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs (processes) the stage runs on")
+    parser.add_argument("--strategy", choices=STRATEGY_CHOICES,
+                        help="strategy of the term-by-term table (default: the stage config's `strategy`; auto is "
+                             "ddp on several GPUs, else none; deepspeed takes the config's zero_stage); ddp, fsdp "
+                             "and zero3 are always compared on one line")
     parser.add_argument("--kind", choices=["auto", "grpo", "sft"], default="auto",
                         help="stage kind of a single-stage config (auto: from its keys)")
     parser.add_argument("--prompt-tokens", type=int, default=830,
@@ -440,7 +573,8 @@ def add_parser(subparsers, command: str) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. num_generations=16")
 
     def run(args: argparse.Namespace) -> int:
-        results = plan(args.config, args.gpu_gb, args.kind, args.prompt_tokens, args.device, args.overrides, args.model)
+        results = plan(args.config, args.gpu_gb, args.kind, args.prompt_tokens, args.device, args.overrides, args.model,
+                       args.gpus, args.strategy)
         print("\n\n".join(format_table(r["name"], r, args.gpu_gb) for r in results))
         if args.json:
             from audio_rft.fileio import atomic_write_json

@@ -72,9 +72,87 @@ def test_lora_needs_less_than_full_fine_tuning():
     assert peak(grpo(lora=True)) < peak(grpo(lora=False))
     assert peak(SFTConfig(model=HUB_ID, dtype="bf16"), "sft") < peak(SFTConfig(model=HUB_ID, dtype="bf16", lora=False), "sft")
     full = estimate("grpo", grpo(lora=False), shapes_for_model(HUB_ID))
-    assert "reference_model" in full["static"] and "fp32_master_weights" in full["static"]
+    assert "reference_model" in full["static"]
+    # one process: the whole model in fp32 (engine.master_dtype), no separate master copy
+    assert full["static"]["weights"] == full["parameters"]["total"] * 4 and "fp32_master_weights" not in full["static"]
+    assert "fp32_master_weights" in estimate("grpo", grpo(lora=False), shapes_for_model(HUB_ID), gpus=8,
+                                             strategy="zero3")["static"]
     lora = estimate("grpo", grpo(lora=True), shapes_for_model(HUB_ID))
     assert "reference_model" not in lora["static"]  # the adapter is disabled instead
+
+
+def r1_aqa_full(**kw) -> GRPOConfig:
+    """R1-AQA's own run: all parameters, lr 1e-6, 1 prompt x G=8, 32 tokens, bf16, KL 0.04, checkpointing."""
+    return grpo(lora=False, lr=1e-6, beta=0.04, gradient_checkpointing=True, **kw)
+
+
+def test_sharding_divides_the_static_state_of_full_fine_tuning_by_the_gpus():
+    shapes = shapes_for_model(HUB_ID)
+    by = {s: estimate("grpo", r1_aqa_full(), shapes, gpus=8, strategy=s) for s in ("ddp", "fsdp", "zero3")}
+    ddp, fsdp, zero3 = by["ddp"], by["fsdp"], by["zero3"]
+    assert (ddp["strategy"], fsdp["strategy"], zero3["strategy"]) == ("ddp", "fsdp", "zero3")
+    assert fsdp["total_bytes"] < ddp["total_bytes"]
+    for key in ("weights", "reference_model", "optimizer_states"):  # fp32 weights, bf16 reference, fp32 AdamW
+        assert 0 <= fsdp["static"][key] * 8 - ddp["static"][key] < 8, key
+    assert 0 <= fsdp["phases"]["train"]["gradients"] * 8 - ddp["phases"]["train"]["gradients"] < 8
+    # DeepSpeed replicates the frozen reference; apart from that, ZeRO-3 is about FSDP
+    reference_difference = zero3["static"]["reference_model"] - fsdp["static"]["reference_model"]
+    assert reference_difference > 10 * 2**30
+    assert abs(zero3["total_bytes"] - fsdp["total_bytes"]) < reference_difference
+    assert not plan_fits(ddp) and plan_fits(fsdp)
+
+
+def plan_fits(result, gpu_gb=80) -> bool:
+    from audio_rft.plan import fits
+
+    return fits(result["total_bytes"], gpu_gb)
+
+
+def test_lora_on_one_gpu_is_the_single_process_plan():
+    shapes = shapes_for_model(HUB_ID)
+    default = estimate("grpo", grpo(), shapes)
+    assert default["strategy"] == "none" and default["gpus"] == 1
+    for strategy in ("none", "ddp", "fsdp"):  # one process: nothing to average or shard
+        assert estimate("grpo", grpo(), shapes, gpus=1, strategy=strategy)["total_bytes"] == default["total_bytes"]
+    # the LoRA table docs/performance.md quotes (no checkpointing): unchanged by the strategies
+    assert round(default["total_bytes"] / 2**30, 2) == 29.40
+    assert "autocast_weight_copies" not in default["phases"]["train"]
+
+
+def test_checkpointing_keeps_the_shared_prefix():
+    shapes = shapes_for_model(HUB_ID)
+
+    def activations(prompt_tokens, **kw):
+        return estimate("grpo", grpo(**kw), shapes, prompt_tokens)["phases"]["train"]["activations"]
+
+    assert activations(830, gradient_checkpointing=True) < activations(830)
+    # the prompt is prefilled once: its activations grow with P the same for G=8 as for G=2 (no G·(P+L))
+    per_prompt_token = {G: activations(930, num_generations=G, gradient_checkpointing=True)
+                        - activations(830, num_generations=G, gradient_checkpointing=True) for G in (2, 8)}
+    assert per_prompt_token[2] == per_prompt_token[8] > 0
+
+
+def test_plan_cli_compares_strategies_on_several_gpus(tmp_path, capsys):
+    stage = tmp_path / "grpo-full.yaml"
+    stage.write_text(yaml.safe_dump({"model": HUB_ID, "lora": False, "lr": 1e-6, "dtype": "bf16", "beta": 0.04,
+                                     "num_generations": 8, "max_completion_length": 32, "batch_size": 1,
+                                     "gradient_checkpointing": True}))
+    from audio_rft.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", "--config", str(stage), "--gpus", "8", "--gpu-gb", "80", "--json", str(tmp_path / "plan.json")])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "strategy ddp on 8 GPUs" in out and "ddp_gradient_buckets" in out
+    assert "ddp" in out and "fsdp" in out and "zero3" in out
+    [entry] = json.loads((tmp_path / "plan.json").read_text())["stages"]
+    assert (entry["strategy"], entry["gpus"], entry["fits"]) == ("ddp", 8, False)
+    assert entry["per_gpu_gib"] == entry["strategies"]["ddp"]["per_gpu_gib"]
+    assert set(entry["strategies"]) == {"ddp", "fsdp", "zero3"}
+    assert entry["strategies"]["fsdp"]["fits"] and not entry["strategies"]["ddp"]["fits"]
+    assert entry["strategies"]["fsdp"]["per_gpu_gib"] < entry["per_gpu_gib"]
+    [chosen] = plan(stage, gpu_gb=80, gpus=8, strategy="fsdp")
+    assert chosen["strategy"] == "fsdp" and chosen["fits"]
 
 
 def test_stage_config_and_pipeline_yaml(tmp_path, capsys):
