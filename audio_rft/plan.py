@@ -7,7 +7,7 @@ against the code. Static terms, by strategy (N GPUs; "/N": each GPU holds its sh
 - none / ddp (every GPU holds everything): LoRA keeps the base in the model dtype and PEFT's adapters in
   fp32; full fine-tuning in 16 bits loads the whole model in fp32 (the weights are the master weights,
   engine.master_dtype), so gradients are fp32 too and there is no separate master copy. AdamW's two
-  states are fp32. ddp adds the reducer's flat copy of the gradients (gradient_as_bucket_view is off);
+  states are fp32. ddp keeps the gradients in its reducer's buckets (gradient_as_bucket_view): no copy;
 - fsdp (FSDP2 on every encoder and decoder layer and the root): weights loaded in fp32 (LoRA too),
   weights, gradients and AdamW state /N;
 - zero3 (DeepSpeed): the module in the compute dtype /N, fp32 master weights, gradients and AdamW state
@@ -19,9 +19,9 @@ Phases, each on top of the static part:
 
 - training pass: gradients; activations: our loop prefills each prompt once and repeats its K/V G times
   (shared prefix). Without gradient checkpointing it keeps activations for P + G·L tokens per prompt and
-  the G copies of the prompt's K/V for backward; with checkpointing the prefill still runs without it
-  (full activations for the P prompt tokens), and the completion pass (G·L tokens) keeps only each
-  layer's input plus one layer's recomputation, next to the G copies of the prompt's K/V;
+  the G copies of the prompt's K/V for backward; with checkpointing every decoder layer of the prefill
+  (P tokens) and of the completion pass (G·L tokens) keeps only its input plus one layer's
+  recomputation, next to the prompt's K/V and its G copies;
 - logits (fp32) at completion positions only;
 - the rollout: a KV cache for B·G sequences of P + L tokens (rollout.prefill repeats the prompt cache G
   times with batch_repeat_interleave, so it is G real copies);
@@ -302,8 +302,6 @@ def estimate(kind: str, config, shapes: dict, prompt_tokens: int = 830, device: 
     if strategy in ("zero2", "zero3") and mixed:
         terms["fp32_master_weights"] = shard(trainable * 4)
     grad_bytes = 4  # fp32: the trainable weights are fp32 (DeepSpeed: its fp32 gradient partition)
-    if strategy == "ddp":
-        terms["ddp_gradient_buckets"] = trainable * grad_bytes  # the reducer's flat copy (gradient_as_bucket_view off)
     static = sum(terms.values())
 
     # what every pass of the policy holds on top, by strategy
@@ -336,11 +334,11 @@ def estimate(kind: str, config, shapes: dict, prompt_tokens: int = 830, device: 
     elif strategy in ("zero2", "zero3"):
         train["zero_reduce_bucket"] = min(trainable, ZERO_REDUCE_BUCKET) * w
     if checkpointing:
-        # the prompt is prefilled once without checkpointing (full activations for B·P tokens); the completion
-        # pass (B·G·L tokens) keeps only each decoder layer's input, plus one layer's recomputation in backward
-        train["activations"] = B * P * per_layer * w * layers + B * G * L * h * w * layers + B * G * L * per_layer * w
-        if G > 1:  # the G copies of the prompt's K/V, read by every layer's recomputation, + one layer's prefix+new
-            train["prefix_kv_copies"] = B * G * P * kv_width * w * layers + B * G * (P + L) * kv_width * w
+        # every decoder layer of the prefill (B·P tokens) and of the completion pass (B·G·L tokens) keeps only its
+        # input, plus one layer's recomputation in backward (the larger of the two passes)
+        train["activations"] = (B * P + B * G * L) * h * w * layers + max(B * P, B * G * L) * per_layer * w
+        if G > 1:  # the prompt's K/V (written once), its G copies read by the completion pass, + one layer's prefix+new
+            train["prefix_kv_copies"] = B * (G + 1) * P * kv_width * w * layers + B * G * (P + L) * kv_width * w
         if attention_probs:
             train["attention_scores"] = layers * B * heads * P * P * w + B * G * heads * L * (P + L) * w
     else:

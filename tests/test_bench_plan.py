@@ -143,7 +143,7 @@ def test_plan_cli_compares_strategies_on_several_gpus(tmp_path, capsys):
         main(["plan", "--config", str(stage), "--gpus", "8", "--gpu-gb", "80", "--json", str(tmp_path / "plan.json")])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "strategy ddp on 8 GPUs" in out and "ddp_gradient_buckets" in out
+    assert "strategy ddp on 8 GPUs" in out
     assert "ddp" in out and "fsdp" in out and "zero3" in out
     [entry] = json.loads((tmp_path / "plan.json").read_text())["stages"]
     assert (entry["strategy"], entry["gpus"], entry["fits"]) == ("ddp", 8, False)
