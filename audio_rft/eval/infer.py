@@ -162,6 +162,21 @@ def run_inference(config: InferConfig) -> Path:
     return out
 
 
+def reextract(out: str | Path, extract: str) -> bool:
+    """Re-read model_prediction from model_output with another extraction, in place (no new generation);
+    False when the file already used it (a file from before `extract` existed used audio-rft)."""
+    out = Path(out)
+    meta_path = out.with_name(out.stem + ".meta.json")
+    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    if meta.get("extract", "audio-rft") == extract:
+        return False
+    read = extractor(extract)
+    records = [{**r, "model_prediction": read(r["model_output"])} for r in json.loads(out.read_text(encoding="utf-8"))]
+    atomic_write_json(out, records)
+    atomic_write_json(meta_path, {**meta, "extract": extract, "config": {**meta.get("config", {}), "extract": extract}})
+    return True
+
+
 def add_parser(subparsers, command: str) -> None:
     parser = subparsers.add_parser(
         command, help="batched greedy inference", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
