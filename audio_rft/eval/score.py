@@ -101,18 +101,17 @@ def _ordered(counts: dict[str, list[int]], order: tuple[str, ...]) -> dict[str, 
     return {k: {"accuracy": round(100 * counts[k][0] / counts[k][1], 2), "correct": counts[k][0], "n": counts[k][1]} for k in keys}
 
 
-def check_options(items: list[dict], key: str | None, extract: str | None, where: str = "") -> None:
+def check_options(items: list[dict], key: str | None, extract: str | None) -> None:
     """One-line errors for a key or extraction that cannot apply to these items."""
-    prefix = f"{where}: " if where else ""
     if key is not None and key not in KEYS:
-        raise UserError(f"{prefix}unknown key {key!r} (one of {', '.join(KEYS)})")
+        raise UserError(f"unknown key {key!r} (one of {', '.join(KEYS)})")
     if extract is not None and extract not in EXTRACTORS:
-        raise UserError(f"{prefix}unknown extract {extract!r} (one of {', '.join(EXTRACTORS)})")
+        raise UserError(f"unknown extract {extract!r} (one of {', '.join(EXTRACTORS)})")
     if key is not None and extract is not None:
-        raise UserError(f"{prefix}--key scores a field as it is; --extract re-reads model_output: give one of them")
+        raise UserError("--key scores a field as it is; --extract re-reads model_output: give one of them")
     needed = key or ("model_output" if extract else None)
     if needed and items and all(item.get(needed) is None for item in items):
-        raise UserError(f"{prefix}no item has {needed!r}")
+        raise UserError(f"no item has {needed!r}")
 
 
 def score_predictions(items: list[dict], key: str | None = None, extract: str | None = None) -> dict:
