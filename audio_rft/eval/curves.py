@@ -93,7 +93,8 @@ def plot_training_curves(out_dir: str | Path, png: str | Path | None = None) -> 
     plt = _pyplot()
     cols = min(4, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.6 * rows), squeeze=False)
+    # at least two panels wide, so the title fits when SFT logs only its loss
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * max(2, cols), 2.6 * rows + 0.4), squeeze=False)
     for ax, (title, lines) in zip(axes.flat, panels):
         for key, steps, values in lines:
             label = key if len(lines) > 1 else None
@@ -111,8 +112,9 @@ def plot_training_curves(out_dir: str | Path, png: str | Path | None = None) -> 
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     last = records[-1]["step"]
-    fig.suptitle(f"{out_dir.name}: training metrics by step ({len(records)} logged, last step {last}; "
-                 f"from {SMOOTH_FROM} points on, faint per step, solid a moving average)", fontsize=10)
+    smoothed = any(len(steps) >= SMOOTH_FROM for _, lines in panels for _, steps, _ in lines)
+    fig.suptitle(f"{out_dir.name}: training metrics by step ({len(records)} logged, last step {last})"
+                 + ("\nfaint: each step; solid: moving average" if smoothed else ""), fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)

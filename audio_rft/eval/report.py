@@ -107,14 +107,12 @@ def resolve_choice(prediction: str, choices: list[str]) -> tuple[str, int | None
     return "(no single choice)", None
 
 
-_read_meta = read_meta
-
 
 def load_variant(name: str, pred_path: str | Path) -> dict:
     """One run's predictions → per-item rows (scored items only) and run-level facts."""
     pred_path = Path(pred_path)
     items = load_predictions(pred_path)
-    meta = _read_meta(pred_path)
+    meta = read_meta(pred_path)
     has_output = any(item.get("model_output") is not None for item in items)
     rows, seen, no_prediction = [], Counter(), 0
     for item in items:
@@ -374,10 +372,10 @@ def render_markdown(report: dict) -> str:
     md += ["Items without a prediction count as wrong; items without an answer are unscored. No prediction: "
            + ", ".join(f"{v['name']} {v['no_prediction']}" for v in variants) + ". Unscored (answer withheld): "
            + ", ".join(f"{v['name']} {v['unscored']}" for v in variants) + ".", ""]
-    md += _raw_output_section(variants)
     if any(v["control"] for v in variants):
         md += ["The no-audio control answers without hearing the audio: what it scores comes from the text alone, "
                "so only the margin above it measures listening.", ""]
+    md += _raw_output_section(variants)
     if report["paired_tests"]:
         md += ["## Paired comparisons (same items)", "",
                "Exact McNemar test on the items exactly one of the two gets right; difference = B − A in points, "
@@ -583,7 +581,7 @@ def parse_runs(specs: list[str], names: str | None = None) -> list[tuple[str, st
     stems = [Path(p).name.removesuffix(".json") for _, p in runs]
     for run, stem in zip(runs, stems):
         if not run[0]:
-            meta_name = _read_meta(Path(run[1])).get("name") if Path(run[1]).exists() else None
+            meta_name = read_meta(Path(run[1])).get("name") if Path(run[1]).exists() else None
             run[0] = meta_name or (f"{Path(run[1]).parent.name}/{stem}" if stems.count(stem) > 1 else stem)
     if names:
         given = [n.strip() for n in names.split(",")]
