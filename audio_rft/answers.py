@@ -1,13 +1,17 @@
 """Reading an answer out of a completion, and deciding whether it is right.
 
-Shared by the rewards (training) and the scorer (eval), so both judge a completion the same way.
+Shared by the rewards (training) and the scorer (eval), so both judge a completion the same way. Eval can
+also read answers as R1-AQA's test script does (`EXTRACTORS["r1-aqa"]`), to reproduce the paper's numbers;
+the training rewards always use `extract_answer`.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_R1_AQA_ANSWER = re.compile(r"<answer>(.*?)</answer>")  # as theirs: no DOTALL, so an answer with a newline is no match
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
 _WORD = re.compile(r"\b\w+\b")
 
@@ -24,6 +28,28 @@ def extract_answer(completion: str) -> str:
     if "<answer>" in completion:
         return completion.rsplit("<answer>", 1)[-1].strip()
     return _THINK.sub("", completion).replace("<think>", "").strip()
+
+
+def extract_answer_r1_aqa(completion: str) -> str:
+    """R1-AQA's test script (src/test.py): the first `<answer>…</answer>` within one line; without one, the
+    whole output; stripped.
+
+    Where it differs from `extract_answer`: the first answer, not the last; an unclosed `<answer>` or an answer
+    spanning lines keeps the whole output, and so does a think-only output, reasoning included (which the MMAU
+    rule then matches).
+    """
+    match = _R1_AQA_ANSWER.search(completion)
+    return (match.group(1) if match else completion).strip()
+
+
+# How eval reads the prediction out of a completion (`audio-rft infer/score --extract NAME`).
+EXTRACTORS: dict[str, Callable[[str], str]] = {"audio-rft": extract_answer, "r1-aqa": extract_answer_r1_aqa}
+
+
+def extractor(name: str) -> Callable[[str], str]:
+    if name not in EXTRACTORS:
+        raise ValueError(f"unknown answer extraction {name!r} (one of {', '.join(EXTRACTORS)})")
+    return EXTRACTORS[name]
 
 
 def exact_match(prediction: str, answer: str) -> bool:

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "infer": ("audio_rft.eval.infer", "batched greedy inference, MMAU prediction format"),
     "score": ("audio_rft.eval.score", "score predictions with the MMAU rule"),
     "report": ("audio_rft.eval.report", "compare scored runs with confidence intervals"),
+    "curves": ("audio_rft.eval.curves", "draw a training run's metrics.jsonl into curves.png"),
     "bench": ("audio_rft.bench", "performance benchmarks against R1-AQA's way"),
     "plan": ("audio_rft.plan", "estimate GPU memory for a training config"),
 }

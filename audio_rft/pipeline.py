@@ -65,6 +65,8 @@ class EvalConfig:
                                       "(adapter, prompt, ablate_audio, max_new_tokens, ...)")
     batch_size: int = option(16, "prompts per batch (every variant's default)")
     max_new_tokens: int = option(32, "completion length limit (every variant's default; raise it for think)")
+    extract: str = option("audio-rft", "how model_prediction is read from the output (every variant's default): "
+                                       "audio-rft, or r1-aqa as R1-AQA's test script does")
     limit: int | None = option(None, "only the first N items (every variant's default)")
     device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
     dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
@@ -303,6 +305,13 @@ def _check_mode(mode: str, allowed: tuple[str, ...], where: str) -> None:
         raise UserError(f"{where}: unknown prompt mode {mode!r} (one of {', '.join(allowed)})")
 
 
+def _check_extract(extract: str, where: str) -> None:
+    from audio_rft.answers import EXTRACTORS
+
+    if extract not in EXTRACTORS:
+        raise UserError(f"{where}: unknown extract {extract!r} (one of {', '.join(EXTRACTORS)})")
+
+
 def _build_stage(kind: str, name: str, folder: Path, values: dict, overrides: dict, where: str, deps: list[str],
                  launch: list[str] | None) -> Stage:
     from audio_rft.prompts import PROMPT_MODES
@@ -320,6 +329,7 @@ def _build_stage(kind: str, name: str, folder: Path, values: dict, overrides: di
             raise UserError(f"{where}: `model` and `data` are required")
     if kind == "infer":
         _check_mode(config.prompt, PROMPT_MODES, where)
+        _check_extract(config.extract, where)
         if not config.model or not config.data:
             raise UserError(f"{where}: `model` and `data` are required")
     if kind == "prepare" and config.fields:
@@ -345,7 +355,7 @@ def _build_variants(config: EvalConfig, folder: Path, where: str) -> list[Varian
 
     if not config.variants:
         raise UserError(f"{where}: `variants` is empty; list at least one {{name, model, prompt}}")
-    shared = {k: getattr(config, k) for k in ("data", "batch_size", "max_new_tokens", "limit", "device", "dtype")}
+    shared = {k: getattr(config, k) for k in ("data", "batch_size", "max_new_tokens", "extract", "limit", "device", "dtype")}
     variants: list[Variant] = []
     for i, entry in enumerate(config.variants, 1):
         if not isinstance(entry, dict):
@@ -362,6 +372,7 @@ def _build_variants(config: EvalConfig, folder: Path, where: str) -> list[Varian
         infer = _typed(InferConfig, {**shared, **entry}, {}, vwhere)
         infer.out = str(folder / f"{name}.json")
         _check_mode(infer.prompt, PROMPT_MODES, vwhere)
+        _check_extract(infer.extract, vwhere)
         if not infer.model or not infer.data:
             raise UserError(f"{vwhere}: `model` and `data` are required")
         variants.append(Variant(name, infer))
@@ -478,16 +489,17 @@ def _run_infer(pipe: Pipeline, stage: Stage, fresh: bool, records: dict[str, dic
 
 def _variant_signature(pipe: Pipeline, variant: Variant, records: dict[str, dict]) -> str:
     """A variant's own config and the stages its paths point into: eval redoes only the variants whose
-    checkpoint (or data) changed, so adding a variant or retraining one model does not redo the others."""
-    strings = [v for v in config_to_dict(variant.config).values() if isinstance(v, str)]
+    checkpoint (or data) changed, so adding a variant or retraining one model does not redo the others.
+    `extract` is left out: the outputs do not depend on it, so changing it only re-reads them (`reextract`)."""
+    config = {k: v for k, v in config_to_dict(variant.config).items() if k != "extract"}
+    strings = [v for v in config.values() if isinstance(v, str)]
     deps = sorted(name for name in records
                   if any(v == str(pipe.out / name) or v.startswith(str(pipe.out / name) + os.sep) for v in strings))
-    return sha256_json({"config": pipe.portable(config_to_dict(variant.config)),
-                        "inputs": {d: input_hash(records[d]) for d in deps}})
+    return sha256_json({"config": pipe.portable(config), "inputs": {d: input_hash(records[d]) for d in deps}})
 
 
 def _run_eval(pipe: Pipeline, stage: Stage, fresh: bool, records: dict[str, dict]) -> None:
-    from audio_rft.eval.infer import run_inference
+    from audio_rft.eval.infer import reextract, run_inference
     from audio_rft.eval.score import score_file
 
     stage.folder.mkdir(parents=True, exist_ok=True)
@@ -501,7 +513,10 @@ def _run_eval(pipe: Pipeline, stage: Stage, fresh: bool, records: dict[str, dict
         same = key_file.is_file() and key_file.read_text().strip() == key
         label = f"  [{i}/{len(stage.variants)}] {variant.name}"
         if same and out.is_file():
-            _print(f"{label}: up to date")
+            if reextract(out, variant.config.extract):
+                _print(f"{label}: up to date; model_prediction re-read with extract {variant.config.extract}")
+            else:
+                _print(f"{label}: up to date")
         else:
             if not same:  # another config or another checkpoint: its old predictions (and partial) are stale
                 for path in files:
@@ -510,12 +525,18 @@ def _run_eval(pipe: Pipeline, stage: Stage, fresh: bool, records: dict[str, dict
             _print(f"{label}: infer ({variant.config.prompt} prompt"
                    + (", audio silenced" if variant.config.ablate_audio else "") + ")")
             run_inference(variant.config)
-        summary = score_file(out, files[3])["summary"]
+        scored = score_file(out, files[3])
+        summary = scored["summary"]
         tasks = ", ".join(f"{k} {v['accuracy']:.1f}" for k, v in summary["task"].items())
         total = "n/a" if summary["total_accuracy"] is None else f"{summary['total_accuracy']:.2f}%"
         _print(f"      accuracy {total} over {summary['n']} items ({tasks})")
+        raw = scored["raw_output"]
+        if raw is not None and (raw["flips"]["extracted_only"] or raw["flips"]["raw_only"]):
+            _print(f"      on the raw output, as MMAU's evaluation.py reads it: {raw['summary']['total_accuracy']:.2f}% "
+                   f"({raw['flips']['extracted_only']} items flip to wrong, {raw['flips']['raw_only']} to right)")
         listing.append({"name": variant.name, "predictions": out.name, "scored": files[3].name,
-                        "prompt": variant.config.prompt, "model": variant.config.model, "adapter": variant.config.adapter,
+                        "prompt": variant.config.prompt, "extract": variant.config.extract,
+                        "model": variant.config.model, "adapter": variant.config.adapter,
                         "ablate_audio": variant.config.ablate_audio, "accuracy": summary["total_accuracy"], "n": summary["n"]})
     atomic_write_json(stage.folder / "variants.json", listing)
 
@@ -537,7 +558,10 @@ def _run_report(pipe: Pipeline, stage: Stage, fresh: bool, records: dict[str, di
     runs = [(n, eval_dir / by_name[n]["predictions"]) for n in chosen]
     stage.folder.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
-    report = build_report(runs, stage.folder, c.paper_table, seed=c.seed, resamples=c.resamples)
+    report = build_report(runs, stage.folder, c.paper_table, seed=c.seed, resamples=c.resamples,
+                          training=_training_stages(pipe, [by_name[n] for n in chosen]))
+    for entry in report["training_curves"]:
+        entry["folder"] = pipe.relative(entry["folder"]) or entry["folder"]
     for v in report["variants"]:
         entry = by_name[v["name"]]
         checkpoint = pipe.relative(entry["adapter"] or entry["model"])
@@ -568,6 +592,19 @@ def _run_report(pipe: Pipeline, stage: Stage, fresh: bool, records: dict[str, di
         os.replace(pipe.out / f".{path.name}.tmp", pipe.out / path.name)
     _print(f"  wrote {pipe.out / 'report.md'} (+ report.json, report.csv, "
            + ", ".join(p.name for p in sorted(stage.folder.glob('*.png'))) + ")")
+
+
+def _training_stages(pipe: Pipeline, listing: list[dict]) -> dict[str, Path]:
+    """Variant name -> the folder of the sft/grpo stage of this run its checkpoint comes from (`<stage>/final`,
+    `<stage>/checkpoint-N`); variants of an outside model (a hub id, an untrained preset) have none."""
+    training = {s.name: s.folder for s in pipe.stages if s.kind in TRAINING}
+    found = {}
+    for entry in listing:
+        checkpoint = pipe.relative(entry.get("adapter") or entry.get("model"))
+        stage = checkpoint.split("/", 1)[0] if checkpoint else None
+        if stage in training:
+            found[entry["name"]] = training[stage]
+    return found
 
 
 def _run_section(pipe: Pipeline, report: dict) -> str:

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from audio_rft.answers import extract_answer
+from audio_rft.answers import extract_answer, extract_answer_r1_aqa
 from audio_rft.data.dataset import load_dataset
 from audio_rft.eval import infer
 from audio_rft.eval.infer import InferConfig, run_inference
@@ -49,6 +49,16 @@ def test_scorer_reads_the_predictions(uninterrupted):
     assert result["summary"]["n"] == len(items) == 24
     assert [s["id"] for s in result["samples"]] == [item["id"] for item in items]
     assert set(result["summary"]["task"]) <= {"sound", "music", "speech", "other"}
+
+
+def test_extract_r1_aqa_is_applied_and_recorded(uninterrupted, tiny_model, synth_data, tmp_path):
+    out = run_inference(infer_config(tiny_model, synth_data, tmp_path / "pred.json", extract="r1-aqa"))
+    records, reference = json.loads(out.read_text()), json.loads(uninterrupted.read_text())
+    assert [r["model_output"] for r in records] == [r["model_output"] for r in reference]  # the same generation
+    assert all(r["model_prediction"] == extract_answer_r1_aqa(r["model_output"]) for r in records)
+    meta = json.loads((tmp_path / "pred.meta.json").read_text())
+    assert meta["extract"] == "r1-aqa" and meta["config"]["extract"] == "r1-aqa"
+    assert json.loads(uninterrupted.with_name("pred.meta.json").read_text())["extract"] == "audio-rft"
 
 
 def test_resume_after_a_crash_gives_the_uninterrupted_file(uninterrupted, tiny_model, synth_data, tmp_path, monkeypatch):

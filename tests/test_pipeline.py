@@ -123,6 +123,18 @@ def test_smoke_pipeline_runs_every_stage_and_writes_the_report(smoke):
         assert rec["started"] and rec["finished"] and rec["seconds"] >= 0
     assert (run_dir / "data" / "train" / "data.jsonl").is_file() and (run_dir / "grpo" / "final").is_dir()
     assert sorted(p.name for p in (run_dir / "eval").glob("*.meta.json")) == sorted(f"{v}.meta.json" for v in VARIANTS)
+    # the raw-output score beside the think variant, and one set of training curves per trained stage
+    think = next(v for v in report["variants"] if v["name"] == "grpo-think")
+    assert think["raw_output"]["n"] == 24 and think["extract"] == "audio-rft"
+    scored = json.loads((run_dir / "eval" / "grpo-think.scored.json").read_text())
+    assert scored["raw_output"]["summary"]["n"] == 24 and set(scored["raw_output"]["flips"]) == {"extracted_only", "raw_only"}
+    assert [(c["folder"], c["variants"]) for c in report["training_curves"]] == [
+        ("warmup", ["base"]), ("sft", ["sft"]), ("grpo", ["grpo", "grpo-no-audio"]), ("grpo-think", ["grpo-think"])]
+    markdown = (run_dir / "report.md").read_text()
+    assert "| grpo-think | think | audio-rft |" in markdown and "## Training curves" in markdown
+    for stage in ("warmup", "sft", "grpo", "grpo-think"):
+        assert (run_dir / stage / "curves.png").is_file() and f"(curves-{stage}.png)" in markdown
+        assert (run_dir / f"curves-{stage}.png").read_bytes() == (run_dir / "report" / f"curves-{stage}.png").read_bytes()
 
 
 def test_a_second_run_skips_every_stage(smoke):
@@ -153,6 +165,22 @@ def test_override_and_force_rerun_those_stages_and_their_dependents_only(smoke, 
     for stage in STAGES:
         changed = record(run_dir, stage)["run_id"] != record(smoke[0], stage)["run_id"]
         assert changed == (stage in rerun), stage
+
+
+def test_changing_extract_rereads_the_saved_outputs(smoke, tmp_path):
+    from audio_rft.answers import extract_answer_r1_aqa
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(smoke[0], run_dir)
+    stdout = run_ok(str(SMOKE), "--out", str(run_dir), "eval.extract=r1-aqa")
+    assert statuses(stdout) == {stage: "ran" if stage in ("eval", "report") else "up to date" for stage in STAGES}
+    assert len(re.findall(r"^  \[\d/5\] \S+: up to date; model_prediction re-read with extract r1-aqa", stdout, re.M)) == 5
+    for variant in VARIANTS:
+        items = json.loads((run_dir / "eval" / f"{variant}.json").read_text())
+        assert outputs(run_dir, variant) == outputs(smoke[0], variant)  # no new generation
+        assert all(i["model_prediction"] == extract_answer_r1_aqa(i["model_output"]) for i in items)
+        assert json.loads((run_dir / "eval" / f"{variant}.meta.json").read_text())["extract"] == "r1-aqa"
+    assert {v["extract"] for v in json.loads((run_dir / "report.json").read_text())["variants"]} == {"r1-aqa"}
 
 
 # ---------------------------------------------------------------- kill and resume
@@ -269,6 +297,7 @@ def test_r1_aqa_pipeline_resolves_without_running(tmp_path):
     variants = {v.name: v.config for v in pipe.stage("eval").variants}
     assert all(isinstance(c, InferConfig) and c.data == str(tmp_path / "r1" / "mmau") for c in variants.values())
     assert variants["grpo"].adapter == str(tmp_path / "r1" / "grpo" / "final") and variants["grpo-no-audio"].ablate_audio
+    assert {c.extract for c in variants.values()} == {"r1-aqa"}  # the paper's answer extraction
     assert pipe.stage("report").config.paper_table is None  # the user's copy of their table, when they have one
     outcomes = run_pipeline(pipe, dry_run=True)  # touches nothing
     assert [o.status for o in outcomes] == ["would run"] * len(outcomes) and not (tmp_path / "r1").exists()
@@ -330,6 +359,8 @@ MODEL = {"name": "model", "kind": "tiny-model", "config": {"corpus": ["${data}/t
         {"name": "a", "model": "${model}", "promt": "answer"}]}}], [], r"stage 'e' variant 'a': unknown key 'promt'"),
     ([DATA, MODEL, {"name": "e", "kind": "eval", "config": {"data": "${data}/test", "variants": [
         {"name": "a", "model": "${model}", "prompt": "shout"}]}}], [], r"unknown prompt mode 'shout'"),
+    ([DATA, MODEL, {"name": "e", "kind": "eval", "config": {"data": "${data}/test", "extract": "first", "variants": [
+        {"name": "a", "model": "${model}"}]}}], [], r"stage 'e' variant 'a': unknown extract 'first'"),
     ([DATA, DATA], [], r"stage 'data': the name is used twice"),
     ([DATA, MODEL], ["model.seed=abc"], r"stage 'model'.*expected int"),
 ])

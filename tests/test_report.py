@@ -202,3 +202,53 @@ def test_cli(tmp_path):
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "no such file" in proc.stderr
     proc = run(pred, pred, "--out", tmp_path / "out3")
     assert proc.returncode == 2 and "two runs are named" in proc.stderr
+
+
+def _think(i: int, reasoning: str, said: str, answer: str = "low") -> dict:
+    output = f"<think>{reasoning}</think><answer>{said}</answer>"
+    return {"id": f"q{i}", "question": "Which pitch?", "choices": PITCH, "answer": answer, "task": "sound",
+            "sub_category": "Pitch", "model_output": output, "model_prediction": said, "prompt_mode": "think"}
+
+
+def test_think_variant_shows_the_raw_output_score_and_the_flipped_items(tmp_path):
+    items = [_think(0, "not high, so", "low"),      # right when extracted; its reasoning names "high": wrong raw
+             _think(1, "it sounds deep", "low"),    # right both ways
+             _think(2, "deep", "middle"),           # wrong both ways
+             {**_think(3, "deep", "low"), "model_prediction": None},  # a null prediction: wrong
+             {**_think(4, "deep", "low"), "answer": None}]           # a null answer: unscored
+    think = _write(tmp_path, "grpo-think", items, {"prompt": "think", "extract": "audio-rft"})
+    answer = _write(tmp_path, "grpo", _items(5, np.ones(5, dtype=bool)), {"prompt": "answer", "extract": "audio-rft"})
+    report = build_report([("grpo", answer), ("grpo-think", think)], tmp_path / "out", resamples=100)
+    plain, v = report["variants"]
+    assert v["accuracy"]["average"] == 50.0 and (v["no_prediction"], v["unscored"], v["extract"]) == (1, 1, "audio-rft")
+    raw = v["raw_output"]
+    assert (raw["accuracy"], raw["correct"], raw["extracted_only"], raw["raw_only"]) == (50.0, 2, 1, 1)
+    assert plain["raw_output"]["extracted_only"] == plain["raw_output"]["raw_only"] == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    start = md.index("## Extracted answer vs raw output")
+    section = md[start:md.index("\n## ", start + 1)]
+    assert "| grpo-think | think | audio-rft | 50.00" in section and "| grpo |" not in section  # the answer prompt agrees
+    assert "**grpo-think**: 50.00% on the extracted answer, 50.00% on the raw output; 1 of 4 items flip from right to wrong" in section
+    assert "No prediction: grpo 0, grpo-think 1. Unscored (answer withheld): grpo 0, grpo-think 1." in md
+    rows = list(csv.DictReader((tmp_path / "out" / "report.csv").open()))
+    assert next(r for r in rows if r["variant"] == "grpo-think" and r["column"] == "average")["raw_output_accuracy"] == "50.0"
+
+
+def test_training_curves_are_drawn_and_embedded(tmp_path):
+    trained = tmp_path / "runs" / "grpo"
+    (trained / "final").mkdir(parents=True)
+    (trained / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "loss": 0.1, "reward": s / 10, "rewards/accuracy": s / 20, "kl": 0.0}) + "\n" for s in range(1, 6)))
+    grpo = _write(tmp_path, "grpo", _items(6, np.ones(6, dtype=bool)), {"adapter": str(trained / "final"), "prompt": "answer"})
+    base = _write(tmp_path, "base", _items(6, np.ones(6, dtype=bool)), {"model": "Qwen/Qwen2-Audio-7B-Instruct", "prompt": "answer"})
+    control = _write(tmp_path, "grpo-no-audio", _items(6, np.zeros(6, dtype=bool)),
+                     {"adapter": str(trained / "checkpoint-5"), "prompt": "answer", "ablate_audio": True})
+    out = tmp_path / "out"
+    report = build_report([("base", base), ("grpo", grpo), ("grpo-no-audio", control)], out, resamples=50)
+    assert report["training_curves"] == [{"folder": str(trained), "variants": ["grpo", "grpo-no-audio"], "png": "curves-grpo.png"}]
+    assert (trained / "curves.png").read_bytes().startswith(PNG)
+    assert (out / "curves-grpo.png").read_bytes() == (trained / "curves.png").read_bytes()
+    md = (out / "report.md").read_text()
+    assert "## Training curves" in md and "### grpo, grpo-no-audio" in md and "(curves-grpo.png)" in md
+    report = build_report([("base", base)], tmp_path / "out2", resamples=50, training={})
+    assert report["training_curves"] == [] and "## Training curves" not in (tmp_path / "out2" / "report.md").read_text()

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from audio_rft.answers import mmau_match
-from audio_rft.eval.score import format_summary, score_file, score_predictions
+from audio_rft.answers import EXTRACTORS, extract_answer, extract_answer_r1_aqa, mmau_match
+from audio_rft.eval.score import format_raw_output, format_summary, score_file, score_predictions
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -160,8 +160,10 @@ def test_cli_prints_and_writes(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "Task-wise Accuracy:" in proc.stdout and "Total Accuracy: 50.00% over 2 samples" in proc.stdout
     written = json.loads(out.read_text())
-    assert set(written) == {"summary", "samples"} and written["samples"] == [{"id": "q0", "match": 1}, {"id": "q1", "match": 0}]
+    assert set(written) == {"summary", "samples", "key", "extract", "raw_output"}
+    assert written["samples"] == [{"id": "q0", "match": 1}, {"id": "q1", "match": 0}]
     assert written["summary"]["total_accuracy"] == 50.0 and written["summary"]["n"] == 2
+    assert written["raw_output"] is None  # no item has model_output: nothing raw to score
 
 
 @pytest.mark.parametrize("content, expected", [
@@ -181,3 +183,87 @@ def test_malformed_files_are_one_line_errors(tmp_path, content, expected):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert str(bad) in lines[0] and expected in lines[0]
+
+
+# ---------------------------------------------------------------- extraction and the two keys
+
+@pytest.mark.parametrize("output, r1_aqa, ours", [
+    ("  Man  ", "Man", "Man"),  # no tags: both keep the whole output, stripped
+    ("I hear a man", "I hear a man", "I hear a man"),
+    ("<answer>Man", "<answer>Man", "Man"),  # unclosed tag: theirs keeps it all, ours takes what follows
+    ("<answer>Woman</answer> no, <answer>Man</answer>", "Woman", "Man"),  # two answers: first vs last
+    ("<think>a deep voice, so a man</think>", "<think>a deep voice, so a man</think>", ""),  # think only
+    ("<think>deep voice</think><answer> Man </answer>", "Man", "Man"),  # the well-formed case agrees
+    ("<answer>Man\n</answer>", "<answer>Man\n</answer>", "Man"),  # theirs matches within one line only
+    ("<think>hmm</think>\n<answer>Man</answer>", "Man", "Man"),
+])
+def test_r1_aqa_extraction_where_it_differs(output, r1_aqa, ours):
+    assert extract_answer_r1_aqa(output) == r1_aqa
+    assert extract_answer(output) == ours
+    assert EXTRACTORS == {"audio-rft": extract_answer, "r1-aqa": extract_answer_r1_aqa}
+
+
+def _think_item(i, reasoning, answer_tag="Man", answer="Man"):
+    output = f"<think>{reasoning}</think><answer>{answer_tag}</answer>"
+    return _item(i, answer=answer, prompt_mode="think", model_output=output, model_prediction=extract_answer(output))
+
+
+def test_reasoning_that_names_a_wrong_choice_flips_on_the_raw_output():
+    items = [
+        _think_item(0, "It could be a woman, but the voice is deep"),  # right when extracted, wrong raw
+        _think_item(1, "A deep voice"),                                 # right both ways
+        _think_item(2, "A deep voice", answer_tag="Woman"),             # wrong both ways
+        _item(3, answer=None, model_output="<answer>Man</answer>", model_prediction="Man"),  # unscored
+        _item(4, model_output="<think>a man</think>", model_prediction=None),  # null prediction: wrong
+    ]
+    result = score_predictions(items)
+    assert [s["match"] for s in result["samples"]] == [1, 1, 0, None, 0]
+    raw = result["raw_output"]
+    assert [s["match"] for s in raw["samples"]] == [0, 1, 0, None, 1]  # q4: the raw reasoning names the answer
+    assert raw["flips"] == {"extracted_only": 1, "raw_only": 1}
+    assert (result["summary"]["correct"], raw["summary"]["correct"]) == (2, 2)
+    assert (result["summary"]["no_prediction"], result["summary"]["unscored"]) == (1, 1)
+    text = format_raw_output(result)
+    assert "Raw output (model_output" in text and "1 items are right on the extracted prediction and wrong" in text
+
+
+def test_key_scores_exactly_one_field_and_extract_rereads_the_output(tmp_path):
+    items = [_think_item(0, "not a woman"), _think_item(1, "deep"),
+             _item(2, model_output="<answer>Woman</answer> <answer>Man</answer>", model_prediction="Man")]
+    pred = tmp_path / "pred.json"
+    pred.write_text(json.dumps(items))
+    assert [s["match"] for s in score_file(pred)["samples"]] == [1, 1, 1]
+    by_output = score_file(pred, key="model_output")
+    assert [s["match"] for s in by_output["samples"]] == [0, 1, 0] and "raw_output" not in by_output
+    assert by_output["key"] == "model_output"
+    by_prediction = score_file(pred, key="model_prediction")
+    assert [s["match"] for s in by_prediction["samples"]] == [1, 1, 1] and "raw_output" not in by_prediction
+    r1 = score_file(pred, extract="r1-aqa")  # the first answer: "Woman" for q2
+    assert [s["match"] for s in r1["samples"]] == [1, 1, 0] and r1["extract"] == "r1-aqa"
+
+
+def test_score_reads_the_extraction_from_the_meta_file(tmp_path):
+    pred = tmp_path / "grpo-think.json"
+    pred.write_text(json.dumps([_think_item(0, "a woman? no")]))
+    assert score_file(pred)["extract"] is None
+    (tmp_path / "grpo-think.meta.json").write_text(json.dumps({"extract": "r1-aqa", "prompt": "think"}))
+    assert score_file(pred)["extract"] == "r1-aqa"
+
+
+def test_cli_key_and_extract(tmp_path):
+    pred, out = tmp_path / "pred.json", tmp_path / "scored.json"
+    pred.write_text(json.dumps([_think_item(0, "could be a woman"), _think_item(1, "deep")]))
+    proc = _cli(pred, "--output", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "Total Accuracy: 100.00% over 2 samples" in proc.stdout and "Raw output (model_output" in proc.stdout
+    assert "50.00% over 2 samples (1 correct)" in proc.stdout
+    proc = _cli(pred, "--key", "model_output", "--output", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "Total Accuracy: 50.00% over 2 samples" in proc.stdout and "Raw output" not in proc.stdout
+    assert json.loads(out.read_text())["key"] == "model_output"
+    proc = _cli(pred, "--key", "model_output", "--extract", "r1-aqa")
+    assert proc.returncode == 2 and "give one of them" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    only_prediction = tmp_path / "only.json"
+    only_prediction.write_text(json.dumps([_item(0, model_prediction="Man")]))
+    proc = _cli(only_prediction, "--extract", "r1-aqa")
+    assert proc.returncode == 2 and "no item has 'model_output'" in proc.stderr and str(only_prediction) in proc.stderr

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from audio_rft import UserError
-from audio_rft.answers import extract_answer
+from audio_rft.answers import EXTRACTORS, extractor
 from audio_rft.config import config_to_dict, option
 from audio_rft.data.dataset import load_dataset
 from audio_rft.data.schema import Sample
@@ -32,6 +32,8 @@ class InferConfig:
     out: str = option("", "predictions file (JSON list, MMAU format)")
     adapter: str | None = option(None, "PEFT adapter folder to put on the model")
     prompt: str = option("answer", "prompt mode: direct, answer or think")
+    extract: str = option("audio-rft", "how model_prediction is read from the output: audio-rft (the last <answer>, "
+                                       "think blocks dropped) or r1-aqa (the paper's: the first <answer>, else all)")
     batch_size: int = option(16, "prompts per batch")
     max_new_tokens: int = option(32, "completion length limit (raise it for think)")
     ablate_audio: bool = option(False, "replace every clip with silence of the same length (the no-listening control)")
@@ -81,10 +83,12 @@ def predict(core, processor, folder: str | Path, samples: list[Sample], mode: st
     return results  # type: ignore[return-value]
 
 
-def prediction_record(sample: Sample, text: str, tokens: int, mode: str) -> dict:
+def prediction_record(sample: Sample, text: str, tokens: int, mode: str, extract: str = "audio-rft") -> dict:
     record = sample.to_json()
     record["sub-category"] = record.get("sub_category")  # MMAU's own key, so its script reads the file unchanged
-    record.update(model_output=text, model_prediction=extract_answer(text), prompt_mode=mode, completion_tokens=tokens)
+    # Both keys, since MMAU's script has read either over its history: model_output raw, model_prediction extracted.
+    record.update(model_output=text, model_prediction=extractor(extract)(text), prompt_mode=mode,
+                  completion_tokens=tokens)
     return record
 
 
@@ -93,14 +97,17 @@ def run_inference(config: InferConfig) -> Path:
     from audio_rft.model import core_model, load_model
 
     check_mode(config.prompt)
+    if config.extract not in EXTRACTORS:
+        raise UserError(f"unknown extract {config.extract!r} (one of {', '.join(EXTRACTORS)})")
     if not config.model or not config.data or not config.out:
         raise UserError("infer needs model, data and out")
     folder, out = Path(config.data), Path(config.out)
     samples = load_dataset(folder, limit=config.limit)
     partial = out.with_name(out.name + ".partial.jsonl")
+    # What the saved outputs depend on; `extract` is applied afterwards, so changing it reuses them.
+    generation = {k: v for k, v in config_to_dict(config).items() if k != "extract"}
     meta = {"model": config.model, "adapter": config.adapter, "prompt": config.prompt,
-            "ablate_audio": config.ablate_audio, "data": str(folder), "n": len(samples),
-            "config": config_to_dict(config)}
+            "ablate_audio": config.ablate_audio, "data": str(folder), "n": len(samples), "config": generation}
     done: dict[int, tuple[str, int]] = {}
     if partial.exists():
         data, whole = partial.read_bytes(), 0  # whole: bytes of the whole lines read
@@ -147,11 +154,27 @@ def run_inference(config: InferConfig) -> Path:
             bar.update(len(group))
             bar.set_postfix(items_per_s=f"{new_items / (time.perf_counter() - started):.2f}")
     bar.close()
-    records = [prediction_record(s, *done[i], config.prompt) for i, s in enumerate(samples)]
-    atomic_write_json(out.with_name(out.stem + ".meta.json"), meta)
+    records = [prediction_record(s, *done[i], config.prompt, config.extract) for i, s in enumerate(samples)]
+    atomic_write_json(out.with_name(out.stem + ".meta.json"),
+                      {**meta, "extract": config.extract, "config": config_to_dict(config)})
     atomic_write_json(out, records)
     partial.unlink(missing_ok=True)
     return out
+
+
+def reextract(out: str | Path, extract: str) -> bool:
+    """Re-read model_prediction from model_output with another extraction, in place (no new generation);
+    False when the file already used it (a file from before `extract` existed used audio-rft)."""
+    out = Path(out)
+    meta_path = out.with_name(out.stem + ".meta.json")
+    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    if meta.get("extract", "audio-rft") == extract:
+        return False
+    read = extractor(extract)
+    records = [{**r, "model_prediction": read(r["model_output"])} for r in json.loads(out.read_text(encoding="utf-8"))]
+    atomic_write_json(out, records)
+    atomic_write_json(meta_path, {**meta, "extract": extract, "config": {**meta.get("config", {}), "extract": extract}})
+    return True
 
 
 def add_parser(subparsers, command: str) -> None:
@@ -164,6 +187,9 @@ def add_parser(subparsers, command: str) -> None:
     parser.add_argument("--data", required=True, help="prepared dataset folder")
     parser.add_argument("--prompt", choices=PROMPT_MODES, default="answer", help="prompt mode")
     parser.add_argument("--out", required=True, help="predictions JSON to write")
+    parser.add_argument("--extract", choices=list(EXTRACTORS), default="audio-rft",
+                        help="how model_prediction is read from the output: audio-rft (the last <answer>, think "
+                             "blocks dropped) or r1-aqa (R1-AQA's test script: the first <answer>, else the whole output)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--ablate-audio", action="store_true", help="silence in place of every clip (control)")

@@ -3,7 +3,9 @@
 Raw accuracy alone misleads on a few hundred items (docs/design.md, "Measuring honestly"): a model that always
 gives one answer scores that answer's share, and evaluations swing by several points. So every cell
 carries a 95% bootstrap interval, every pair of variants gets a paired test on the same items, and beside
-raw accuracy sit balanced accuracy, the answer distribution, format compliance and completion length.
+raw accuracy sit balanced accuracy, the answer distribution, format compliance and completion length. Each
+variant is also scored on its raw output, as MMAU's official script does, and the report says where and why
+that differs (think prompts); the pipeline adds each trained variant's training curves.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import numpy as np
 
 from audio_rft import UserError
 from audio_rft.answers import follows_format, mmau_match
-from audio_rft.eval.score import TASK_ORDER, DIFFICULTY_ORDER, item_match, load_predictions, prediction_text, sub_category
+from audio_rft.eval.score import (TASK_ORDER, DIFFICULTY_ORDER, item_match, load_predictions, prediction_text, read_meta,
+                                  sub_category)
 from audio_rft.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 RESAMPLES = 2000
@@ -104,34 +107,27 @@ def resolve_choice(prediction: str, choices: list[str]) -> tuple[str, int | None
     return "(no single choice)", None
 
 
-def _read_meta(pred_path: Path) -> dict:
-    meta_path = pred_path.with_suffix(".meta.json")
-    if not meta_path.exists():
-        return {}
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{meta_path}: unreadable meta file ({e})") from None
-    if not isinstance(meta, dict):
-        raise UserError(f"{meta_path}: expected a JSON object")
-    return meta
-
 
 def load_variant(name: str, pred_path: str | Path) -> dict:
     """One run's predictions → per-item rows (scored items only) and run-level facts."""
     pred_path = Path(pred_path)
     items = load_predictions(pred_path)
-    meta = _read_meta(pred_path)
-    rows, seen = [], Counter()
+    meta = read_meta(pred_path)
+    has_output = any(item.get("model_output") is not None for item in items)
+    rows, seen, no_prediction = [], Counter(), 0
     for item in items:
         match = item_match(item)
         if match is None:
             continue
         item_id = str(item.get("id"))
         seen[item_id] += 1  # repeated ids pair by occurrence
-        label, position = resolve_choice(prediction_text(item) or "", item["choices"])
+        text = prediction_text(item)
+        no_prediction += text is None
+        label, position = resolve_choice(text or "", item["choices"])
         rows.append({
             "key": (item_id, seen[item_id]), "match": match, "task": str(item.get("task")),
+            # as MMAU's official script scores it (the raw output); None when the file has no model_output
+            "raw_match": item_match(item, "model_output") if has_output else None,
             "difficulty": None if item.get("difficulty") is None else str(item["difficulty"]),
             "sub": str(sub_category(item) or item.get("task")),  # without a sub-category, balance within the task
             "answer": item["answer"], "predicted": label, "position": position,
@@ -140,6 +136,7 @@ def load_variant(name: str, pred_path: str | Path) -> dict:
     prompt = meta.get("prompt") or next((i["prompt_mode"] for i in items if i.get("prompt_mode")), None)
     return {
         "name": name, "path": str(pred_path), "meta": meta, "rows": rows, "unscored": len(items) - len(rows),
+        "no_prediction": no_prediction, "has_output": has_output, "extract": meta.get("extract"),
         "prompt": prompt, "checkpoint": meta.get("adapter") or meta.get("model"),
         "control": bool(meta.get("ablate_audio")) or name.endswith("-no-audio"),
         "format_rate": _format_rate(items, prompt), **_completion_length(items),
@@ -214,6 +211,17 @@ def _position_shares(positions: list[int | None]) -> dict[str, float]:
     return {k: round(counts[k] / len(positions), 4) for k in keys} if positions else {}
 
 
+def _raw_output(v: dict, resamples: int, seed: int) -> dict | None:
+    """The score on the raw output beside the extracted one, and the items that flip between them."""
+    if not v["has_output"]:
+        return None
+    rows = v["rows"]
+    k = sum(r["raw_match"] for r in rows)
+    return {"accuracy": _pct(k, len(rows)), "ci95": bootstrap_ci(k, len(rows), resamples, seed), "correct": k,
+            "n": len(rows), "extracted_only": sum(r["match"] > r["raw_match"] for r in rows),
+            "raw_only": sum(r["raw_match"] > r["match"] for r in rows)}
+
+
 def _columns(variants: list[dict]) -> list[str]:
     tasks = {r["task"] for v in variants for r in v["rows"]}
     return [*TASK_ORDER, *sorted(tasks - set(TASK_ORDER)), "average"]
@@ -233,7 +241,8 @@ def _summarise(v: dict, columns: list[str], resamples: int, seed: int) -> dict:
         "accuracy": {c: cells[c]["accuracy"] for c in columns},
         "ci95": {c: cells[c]["ci95"] for c in columns},
         "counts": {c: cells[c]["n"] for c in columns},
-        "n": len(rows), "unscored": v["unscored"],
+        "n": len(rows), "unscored": v["unscored"], "no_prediction": v["no_prediction"], "extract": v["extract"],
+        "raw_output": _raw_output(v, resamples, seed),
         "balanced_accuracy": balanced_accuracy(rows),
         "format_rate": v["format_rate"],
         "mean_completion_length": v["mean_completion_length"], "length_unit": v["length_unit"],
@@ -262,8 +271,12 @@ def _paired_tests(variants: list[dict], columns: list[str], resamples: int, seed
 
 
 def build_report(runs: list[tuple[str, str | Path]], out_dir: str | Path, paper_table: str | Path | None = None,
-                 seed: int = 0, resamples: int = RESAMPLES) -> dict:
-    """Compare runs [(name, PRED.json)]; write report.md/.json/.csv and charts into out_dir; return the JSON."""
+                 seed: int = 0, resamples: int = RESAMPLES, training: dict[str, str | Path] | None = None) -> dict:
+    """Compare runs [(name, PRED.json)]; write report.md/.json/.csv and charts into out_dir; return the JSON.
+
+    training: variant name -> the training folder its checkpoint comes from, whose curves the report shows;
+    None: found from each variant's checkpoint (a `final` or `checkpoint-N` beside a metrics.jsonl).
+    """
     if not runs:
         raise UserError("no runs to compare")
     if resamples < 1:
@@ -288,12 +301,39 @@ def build_report(runs: list[tuple[str, str | Path]], out_dir: str | Path, paper_
         "files": {"markdown": "report.md", "csv": "report.csv", "accuracy_chart": "accuracy.png", "answers_chart": "answers.png"},
     }
     out_dir = Path(out_dir)
+    report["training_curves"] = training_curves(loaded, out_dir, training)
     atomic_write_json(out_dir / "report.json", report)
     atomic_write_text(out_dir / "report.md", render_markdown(report))
     atomic_write_text(out_dir / "report.csv", render_csv(report))
     plot_accuracy(report, out_dir / "accuracy.png")
     plot_answers(report, out_dir / "answers.png")
     return report
+
+
+def training_curves(variants: list[dict], out_dir: Path, training: dict[str, str | Path] | None) -> list[dict]:
+    """Draw each training folder's curves (curves.png beside its metrics.jsonl) and copy them into out_dir as
+    curves-<folder>.png: one entry per folder, with the variants trained there."""
+    from audio_rft.eval.curves import plot_training_curves, training_folder
+
+    if training is None:
+        training = {v["name"]: f for v in variants if (f := training_folder(v["checkpoint"])) is not None}
+    by_folder: dict[Path, list[str]] = {}
+    for v in variants:
+        if training.get(v["name"]) is not None:
+            by_folder.setdefault(Path(training[v["name"]]), []).append(v["name"])
+    entries, used = [], set()
+    for folder, names in by_folder.items():
+        png = plot_training_curves(folder)
+        name = f"curves-{folder.name}.png"
+        for i in range(2, len(by_folder) + 2):  # two folders of the same name (runs/a/grpo, runs/b/grpo)
+            if name not in used:
+                break
+            name = f"curves-{folder.name}-{i}.png"
+        if png is not None:
+            used.add(name)
+            atomic_write_bytes(out_dir / name, png.read_bytes())
+        entries.append({"folder": str(folder), "variants": names, "png": name if png is not None else None})
+    return entries
 
 
 # ---------------------------------------------------------------- rendering
@@ -329,11 +369,13 @@ def render_markdown(report: dict) -> str:
                  [[label(v), v["prompt"] or "—", v.get("checkpoint") or "—", *(_acc_ci(v["accuracy"][c], v["ci95"][c]) for c in cols),
                    v["n"], _fmt(v["balanced_accuracy"]), _fmt(v["format_rate"]),
                    f"{_fmt(v['mean_completion_length'], 1)} {v['length_unit'] or ''}".strip()] for v in variants])
-    if any(v["unscored"] for v in variants):
-        md += ["Unscored items (answer withheld): " + ", ".join(f"{v['name']} {v['unscored']}" for v in variants) + ".", ""]
+    md += ["Items without a prediction count as wrong; items without an answer are unscored. No prediction: "
+           + ", ".join(f"{v['name']} {v['no_prediction']}" for v in variants) + ". Unscored (answer withheld): "
+           + ", ".join(f"{v['name']} {v['unscored']}" for v in variants) + ".", ""]
     if any(v["control"] for v in variants):
         md += ["The no-audio control answers without hearing the audio: what it scores comes from the text alone, "
                "so only the margin above it measures listening.", ""]
+    md += _raw_output_section(variants)
     if report["paired_tests"]:
         md += ["## Paired comparisons (same items)", "",
                "Exact McNemar test on the items exactly one of the two gets right; difference = B − A in points, "
@@ -377,24 +419,67 @@ def render_markdown(report: dict) -> str:
         md += _table(["model", "method", "prompt", "sound", "music", "speech", "average", "source"],
                      [[r["model"], r["method"], r["prompt"], *(_fmt(r["accuracy"][c]) for c in ("sound", "music", "speech", "average")),
                        r["source"]] for r in report["paper_table"]])
+    md += _curves_section(report.get("training_curves") or [])
     md += ["Charts: accuracy.png (accuracy with 95% CI whiskers), answers.png (predicted-answer shares per sub-category).", ""]
     return "\n".join(md)
+
+
+def _raw_output_section(variants: list[dict]) -> list[str]:
+    """The raw-output score beside every variant whose prompt asks for reasoning (and any other where it differs)."""
+    shown = [v for v in variants if v.get("raw_output") and (v["prompt"] == "think" or v["raw_output"]["extracted_only"]
+                                                             or v["raw_output"]["raw_only"])]
+    if not shown:
+        if any(v.get("raw_output") for v in variants):
+            return ["Scored on the raw output (`model_output`), as MMAU's official evaluation.py does, every variant "
+                    "gets the same items right as above.", ""]
+        return []
+    md = ["## Extracted answer vs raw output (what MMAU's official script scores)", "",
+          "The table above scores the answer extracted from each completion (`model_prediction`). MMAU's official "
+          "evaluation.py, at its repository's head, scores `model_output`, the raw completion: with a think prompt "
+          "that includes the reasoning, and reasoning that names a wrong choice makes the item wrong under MMAU's "
+          "rule (no token of a wrong choice), so the official script usually reports less for the same predictions.", ""]
+    md += _table(["variant", "prompt", "extraction", "extracted %", "raw output % (official script)",
+                  "right only when extracted", "right only on the raw output"],
+                 [[v["name"], v["prompt"] or "—", v.get("extract") or "—", _acc_ci(v["accuracy"]["average"], v["ci95"]["average"]),
+                   _acc_ci(v["raw_output"]["accuracy"], v["raw_output"]["ci95"]), v["raw_output"]["extracted_only"],
+                   v["raw_output"]["raw_only"]] for v in shown])
+    for v in shown:
+        r = v["raw_output"]
+        md.append(f"- **{v['name']}**: {_fmt(v['accuracy']['average'])}% on the extracted answer, {_fmt(r['accuracy'])}% "
+                  f"on the raw output; {r['extracted_only']} of {r['n']} items flip from right to wrong, because the "
+                  f"text around the answer names a wrong choice, and {r['raw_only']} from wrong to right.")
+    return md + [""]
+
+
+def _curves_section(curves: list[dict]) -> list[str]:
+    if not curves:
+        return []
+    md = ["## Training curves", "",
+          "Each trained variant's metrics.jsonl against step (GRPO: reward, accuracy and format rewards, KL, clip "
+          "ratio, completion length, loss; SFT: loss and held-out accuracy when measured).", ""]
+    for c in curves:
+        title = f"### {', '.join(c['variants'])} (trained in `{c['folder']}`)"
+        md += [title, "", f"![training curves of {c['folder']}]({c['png']})" if c["png"] else
+               "No metrics to draw (metrics.jsonl is empty).", ""]
+    return md
 
 
 def render_csv(report: dict) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["origin", "variant", "prompt", "checkpoint", "column", "accuracy", "ci_low", "ci_high", "n",
-                     "balanced_accuracy", "format_rate", "mean_completion_length", "control"])
+                     "balanced_accuracy", "format_rate", "mean_completion_length", "control", "raw_output_accuracy"])
     for v in report["variants"]:
+        raw = (v.get("raw_output") or {}).get("accuracy")
         for c in report["columns"]:
             ci = v["ci95"][c] or [None, None]
             writer.writerow(["ours", v["name"], v["prompt"], v.get("checkpoint"), c, v["accuracy"][c], *ci, v["counts"][c],
-                             v["balanced_accuracy"] if c == "average" else None, v["format_rate"], v["mean_completion_length"], v["control"]])
+                             v["balanced_accuracy"] if c == "average" else None, v["format_rate"], v["mean_completion_length"],
+                             v["control"], raw if c == "average" else None])
     for r in report["paper_table"]:
         for c in ("sound", "music", "speech", "average"):
             writer.writerow([r["origin"], f"{r['model']} / {r['method']}", r["prompt"], None, c, r["accuracy"][c],
-                             None, None, None, None, None, None, None])
+                             None, None, None, None, None, None, None, None])
     return buf.getvalue()
 
 
@@ -496,7 +581,7 @@ def parse_runs(specs: list[str], names: str | None = None) -> list[tuple[str, st
     stems = [Path(p).name.removesuffix(".json") for _, p in runs]
     for run, stem in zip(runs, stems):
         if not run[0]:
-            meta_name = _read_meta(Path(run[1])).get("name") if Path(run[1]).exists() else None
+            meta_name = read_meta(Path(run[1])).get("name") if Path(run[1]).exists() else None
             run[0] = meta_name or (f"{Path(run[1]).parent.name}/{stem}" if stems.count(stem) > 1 else stem)
     if names:
         given = [n.strip() for n in names.split(",")]
@@ -511,11 +596,16 @@ def _run(args) -> int:
     for v in report["variants"]:
         cells = "  ".join(f"{c} {_acc_ci(v['accuracy'][c], v['ci95'][c])}" for c in report["columns"])
         print(f"{v['name']}: {cells}  (n={v['n']}, balanced {_fmt(v['balanced_accuracy'])})")
+        raw = v["raw_output"]
+        if raw and (raw["extracted_only"] or raw["raw_only"]):
+            print(f"  on the raw output (MMAU's official script): {_fmt(raw['accuracy'])}%; {raw['extracted_only']} items "
+                  f"flip to wrong, {raw['raw_only']} to right")
     for t in report["paired_tests"]:
         if t["column"] == "average":
             verdict = "significant at 0.05" if t["significant"] else "not significant"
             print(f"{t['b']} − {t['a']}: {t['difference']:+.2f} points, McNemar p={t['mcnemar_p']:.3g} ({verdict})")
-    print(f"wrote {Path(args.out) / 'report.md'} (+ report.json, report.csv, accuracy.png, answers.png)")
+    print(f"wrote {Path(args.out) / 'report.md'} (+ report.json, report.csv, accuracy.png, answers.png"
+          + "".join(f", {c['png']}" for c in report["training_curves"] if c["png"]) + ")")
     return 0
 
 

@@ -1,20 +1,28 @@
 """`audio-rft score`: the MMAU benchmark's scoring, decision for decision (docs/design.md, "How MMAU scores a prediction").
 
 Input is MMAU's prediction format: a JSON list of items (id, question, choices, answer, task, difficulty,
-sub-category / sub_category, …) each with `model_prediction` (or only `model_output`, read raw as
-MMAU's older scripts did). Items whose answer is withheld (MMAU's test split) are unscored, not wrong.
+sub-category / sub_category, …) each with `model_prediction`, the answer extracted from the completion, and/or
+`model_output`, the raw completion. MMAU's official evaluation.py, at its repository's head, reads
+`model_output` (fixed in the code, no flag), although its README says `model_prediction`; the key has changed
+more than once. So both are scored: the extracted prediction (the headline number) and the raw output (what
+the official script reports). They agree on answer-prompt files; with a think prompt the raw output holds the
+reasoning, and reasoning that names a wrong choice makes the item wrong by MMAU's rule.
+
+An item whose prediction is null is wrong (counted as "no prediction"); an item whose answer is null (MMAU's
+test split) is unscored, not wrong.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from audio_rft import UserError
-from audio_rft.answers import mmau_match
+from audio_rft.answers import EXTRACTORS, extractor, mmau_match
 from audio_rft.fileio import atomic_write_json
 
+KEYS = ("model_prediction", "model_output")
 TASK_ORDER = ("sound", "music", "speech")
 DIFFICULTY_ORDER = ("easy", "medium", "hard")
 
@@ -52,19 +60,40 @@ def sub_category(item: dict) -> str | None:
     return item.get("sub_category", item.get("sub-category"))
 
 
-def prediction_text(item: dict) -> str | None:
-    """`model_prediction`, else the raw `model_output` (no extraction: MMAU matches the raw text); None if neither."""
-    for key in ("model_prediction", "model_output"):
-        if item.get(key) is not None:
-            return item[key]
-    return None
+def read_meta(pred_path: str | Path) -> dict:
+    """PRED.meta.json beside a prediction file (written by `audio-rft infer`); {} when there is none."""
+    meta_path = Path(pred_path).with_suffix(".meta.json")
+    if not meta_path.exists():
+        return {}
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{meta_path}: unreadable meta file ({e})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{meta_path}: expected a JSON object")
+    return meta
 
 
-def item_match(item: dict) -> int | None:
-    """1 / 0 by the MMAU rule; None when the item has no answer to score against."""
+def prediction_text(item: dict, key: str | None = None, extract: str | None = None) -> str | None:
+    """The text scored for an item; None when it has none.
+
+    key None: the extracted prediction: `model_output` re-read with `extract` when that is given, else
+    `model_prediction`; an item without that key (not a null one: a null prediction is wrong) gives the raw
+    `model_output`, as MMAU's script reads a file that has only that key.
+    key "model_prediction" or "model_output": that field, as it is.
+    """
+    if key is not None:
+        return item.get(key)
+    if extract is not None:
+        return None if item.get("model_output") is None else extractor(extract)(item["model_output"])
+    return item["model_prediction"] if "model_prediction" in item else item.get("model_output")
+
+
+def item_match(item: dict, key: str | None = None, extract: str | None = None) -> int | None:
+    """1 / 0 by the MMAU rule (a null prediction is wrong); None when the item has no answer to score against."""
     if item.get("answer") is None:
         return None
-    return int(mmau_match(prediction_text(item) or "", item["answer"], item["choices"]))
+    return int(mmau_match(prediction_text(item, key, extract) or "", item["answer"], item["choices"]))
 
 
 def _ordered(counts: dict[str, list[int]], order: tuple[str, ...]) -> dict[str, dict]:
@@ -72,18 +101,52 @@ def _ordered(counts: dict[str, list[int]], order: tuple[str, ...]) -> dict[str, 
     return {k: {"accuracy": round(100 * counts[k][0] / counts[k][1], 2), "correct": counts[k][0], "n": counts[k][1]} for k in keys}
 
 
-def score_predictions(items: list[dict]) -> dict:
-    """Score items (already checked by load_predictions) → {"summary": …, "samples": [{"id", "match"}, …]} in input order."""
+def check_options(items: list[dict], key: str | None, extract: str | None) -> None:
+    """One-line errors for a key or extraction that cannot apply to these items."""
+    if key is not None and key not in KEYS:
+        raise UserError(f"unknown key {key!r} (one of {', '.join(KEYS)})")
+    if extract is not None and extract not in EXTRACTORS:
+        raise UserError(f"unknown extract {extract!r} (one of {', '.join(EXTRACTORS)})")
+    if key is not None and extract is not None:
+        raise UserError("--key scores a field as it is; --extract re-reads model_output: give one of them")
+    needed = key or ("model_output" if extract else None)
+    if needed and items and all(item.get(needed) is None for item in items):
+        raise UserError(f"no item has {needed!r}")
+
+
+def score_predictions(items: list[dict], key: str | None = None, extract: str | None = None) -> dict:
+    """Score items (already checked by load_predictions) in input order.
+
+    → {"summary", "samples": [{"id", "match"}, …], "key", "extract", "raw_output"}: summary and samples for the
+    text `prediction_text(item, key, extract)` picks. Without a key, "raw_output" scores `model_output` as MMAU's
+    script does ({"summary", "samples", "flips"}; None when no item has one); with a key, only that field is scored.
+    """
+    check_options(items, key, extract)
+    result = {**_score(items, lambda item: prediction_text(item, key, extract)), "key": key, "extract": extract}
+    if key is None:
+        has_output = any(item.get("model_output") is not None for item in items)
+        result["raw_output"] = raw = _score(items, lambda item: item.get("model_output")) if has_output else None
+        if raw is not None:
+            pairs = [(a["match"], b["match"]) for a, b in zip(result["samples"], raw["samples"]) if a["match"] is not None]
+            # right on the extracted prediction only (typically reasoning that names a wrong choice), and the reverse
+            raw["flips"] = {"extracted_only": sum(a > b for a, b in pairs), "raw_only": sum(b > a for a, b in pairs)}
+    return result
+
+
+def _score(items: list[dict], text_of: Callable[[dict], str | None]) -> dict:
+    """{"summary", "samples"} for the text `text_of(item)` gives each item."""
     groups: dict[str, dict[str, list[int]]] = {"task": {}, "difficulty": {}, "sub_category": {}}
     samples, correct, n, no_prediction = [], 0, 0, 0
     for item in items:
-        match = item_match(item)
-        samples.append({"id": item.get("id"), "match": match})
-        if match is None:
+        if item.get("answer") is None:
+            samples.append({"id": item.get("id"), "match": None})
             continue
+        text = text_of(item)
+        match = int(mmau_match(text or "", item["answer"], item["choices"]))
+        samples.append({"id": item.get("id"), "match": match})
         n += 1
         correct += match
-        no_prediction += prediction_text(item) is None
+        no_prediction += text is None
         # As the official script: an item without a sub-category counts in the total, not in that table.
         for group, key in (("task", item.get("task")), ("difficulty", item.get("difficulty")), ("sub_category", sub_category(item))):
             if key is not None:
@@ -121,24 +184,56 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def score_file(path: str | Path, output: str | Path | None = None) -> dict:
-    result = score_predictions(load_predictions(path))
+def format_raw_output(result: dict) -> str | None:
+    """Two lines on the raw-output score beside the extracted one; None when there is no raw output to score."""
+    raw = result.get("raw_output")
+    if raw is None or not raw["summary"]["n"]:
+        return None
+    s, flips = raw["summary"], raw["flips"]
+    line = (f"Raw output (model_output, what MMAU's evaluation.py reads at its head): {s['total_accuracy']:.2f}% "
+            f"over {s['n']} samples ({s['correct']} correct)")
+    if not flips["extracted_only"] and not flips["raw_only"]:
+        return line + "; the same items as the extracted prediction"
+    return (line + f"\n{flips['extracted_only']} items are right on the extracted prediction and wrong on the raw output "
+            f"(its reasoning or other text names a wrong choice), {flips['raw_only']} the other way")
+
+
+def score_file(path: str | Path, output: str | Path | None = None, key: str | None = None,
+               extract: str | None = None) -> dict:
+    items = load_predictions(path)
+    try:
+        result = score_predictions(items, key, extract)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    if key != "model_output" and extract is None:
+        result["extract"] = read_meta(path).get("extract")  # how `audio-rft infer` wrote model_prediction, when known
     if output is not None:
         atomic_write_json(output, result)
     return result
 
 
 def _run(args) -> int:
-    result = score_file(args.predictions, args.output)
+    result = score_file(args.predictions, args.output, args.key, args.extract)
     print(format_summary(result["summary"]))
+    raw = format_raw_output(result)
+    if raw:
+        print(raw)
     if args.output:
         print(f"wrote {args.output}")
     return 0
 
 
 def add_parser(subparsers: Any, command: str) -> None:
-    p = subparsers.add_parser(command, help="score predictions with the MMAU rule",
-                              description="Score an MMAU-format prediction file with the benchmark's own rule.")
-    p.add_argument("predictions", metavar="PRED.json", help="JSON list of items with model_prediction (or model_output)")
-    p.add_argument("--output", metavar="SCORED.json", help="write the summary and per-item matches here")
+    p = subparsers.add_parser(
+        command, help="score predictions with the MMAU rule",
+        description="Score an MMAU-format prediction file with the benchmark's own rule: the extracted prediction "
+                    "(model_prediction) and, beside it, the raw output (model_output), which is what MMAU's "
+                    "official evaluation.py reads at its head. --key scores one field only.")
+    p.add_argument("predictions", metavar="PRED.json", help="JSON list of items with model_prediction and/or model_output")
+    p.add_argument("--output", metavar="SCORED.json", help="write the summaries and per-item matches here")
+    p.add_argument("--key", choices=KEYS, help="score exactly this field, as it is (model_output: as the official "
+                                               "script at MMAU's head; model_prediction: as its README says)")
+    p.add_argument("--extract", choices=list(EXTRACTORS),
+                   help="re-read the prediction from model_output: audio-rft (the last <answer>, think blocks "
+                        "dropped) or r1-aqa (R1-AQA's test script: the first <answer>, else the whole output)")
     p.set_defaults(func=_run)

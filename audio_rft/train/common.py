@@ -450,11 +450,22 @@ class Run:
             run_summary(self.out, self.config, self.config.max_steps, self.metrics, time.perf_counter() - self.began,
                         self.engine)
             self.log.close()
+            draw_curves(self.out)
         self.layout.barrier()
         return final
 
     def _save_args(self) -> dict[str, Any]:
         return dict(engine=self.engine, processor=self.processor, config=self.config, metrics=self.metrics)
+
+
+def draw_curves(out: Path) -> None:
+    """curves.png beside metrics.jsonl; a plotting problem never fails a finished run."""
+    from audio_rft.eval.curves import plot_training_curves
+
+    try:
+        plot_training_curves(out)
+    except Exception as e:  # noqa: BLE001 - matplotlib and font failures alike
+        print(f"curves.png not drawn: {e}", file=sys.stderr)
 
 
 REPORTERS = {"tensorboard": ("tensorboard", "pip install 'audio-rft[tensorboard]'"), "wandb": ("wandb", "pip install wandb")}
