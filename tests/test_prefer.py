@@ -1,0 +1,131 @@
+"""Preference optimisation: the losses by hand, the pair builder, and the `prefer` trainer end to end."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from audio_rft.train.preference_losses import (dpo_loss, kto_loss, kto_reference_point, mean_token_nll, orpo_loss,
+                                               sequence_logps)
+from helpers import (  # noqa: F401 (fixtures)
+    one_thread,
+    load_tiny, perturb_lora, plugin_dir, prompt_batch, read_metrics, samples_of, synth_data, tiny_model, with_plugin,
+)
+
+
+def t(*values):
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+# ---------------------------------------------------------------- the losses, by hand
+
+
+def test_sequence_logps_sum_and_mean_over_the_mask():
+    logps = t(-1.0, -2.0, -9.0)[None].repeat(2, 1)
+    total, mean = sequence_logps(logps, torch.tensor([[1, 1, 0], [1, 0, 0]]))
+    assert total.tolist() == [-3.0, -1.0] and mean.tolist() == [-1.5, -1.0]
+    assert float(mean_token_nll(logps, torch.tensor([[1, 1, 0], [1, 0, 0]]))) == pytest.approx(4 / 3)
+
+
+def test_dpo_by_hand():
+    losses, chosen, rejected = dpo_loss(t(-1.0), t(-3.0), t(-2.0), t(-2.0), beta=0.5)
+    # h = (−1 − −2) − (−3 − −2) = 2; L = −log σ(0.5·2) = log(1 + e^−1)
+    assert float(losses) == pytest.approx(math.log(1 + math.exp(-1)))
+    assert float(chosen) == pytest.approx(0.5) and float(rejected) == pytest.approx(-0.5)
+
+
+def test_dpo_is_ln2_when_policy_equals_reference():
+    policy_c, policy_r = t(-4.0, -0.5, -7.0), t(-2.0, -9.0, -7.0)
+    losses, chosen, rejected = dpo_loss(policy_c, policy_r, policy_c.clone(), policy_r.clone(), beta=0.1)
+    assert losses.tolist() == pytest.approx([math.log(2)] * 3)
+    assert chosen.tolist() == [0.0] * 3 and rejected.tolist() == [0.0] * 3
+
+
+def test_dpo_identical_pair_gives_zero_gradient():
+    logp = t(-2.5).requires_grad_()
+    losses, _, _ = dpo_loss(logp, logp, t(-1.0), t(-1.0), beta=0.3)
+    losses.sum().backward()
+    assert float(logp.grad) == 0.0 and float(losses.detach()) == pytest.approx(math.log(2))
+
+
+def test_dpo_gradient_raises_chosen_and_lowers_rejected():
+    chosen, rejected = t(-2.0).requires_grad_(), t(-2.0).requires_grad_()
+    dpo_loss(chosen, rejected, t(-2.0), t(-2.0), beta=0.1)[0].sum().backward()
+    # dL/d log π(y_w) = −β σ(−βh) = −0.05 at h = 0; the opposite for y_l
+    assert float(chosen.grad) == pytest.approx(-0.05) and float(rejected.grad) == pytest.approx(0.05)
+
+
+def test_kto_reference_point_is_a_clamped_detached_mean():
+    policy = t(-1.8, -1.4).requires_grad_()
+    assert float(kto_reference_point(policy, t(-2.0, -2.0))) == pytest.approx(0.4)  # mean(0.2, 0.6)
+    assert not kto_reference_point(policy, t(-2.0, -2.0)).requires_grad
+    assert float(kto_reference_point(t(-3.0, -2.5), t(-2.0, -2.0))) == 0.0  # mean −0.75, clamped at 0
+
+
+def test_kto_by_hand():
+    losses, rewards = kto_loss(t(-1.0, -3.0), t(-2.0, -2.0), torch.tensor([True, False]), z0=0.4, beta=0.5,
+                               desirable_weight=1.0, undesirable_weight=2.0)
+    # r = [1, −1]; desirable: 1 − σ(0.5·(1 − 0.4)); undesirable: 2·(1 − σ(0.5·(0.4 + 1)))
+    assert losses.tolist() == pytest.approx([1 - sigmoid(0.3), 2 * (1 - sigmoid(0.7))])
+    assert rewards.tolist() == pytest.approx([0.5, -0.5])
+
+
+def test_kto_same_completion_both_labels_gives_zero_gradient():
+    logp = t(-2.0).requires_grad_()
+    both = torch.cat([logp, logp])
+    losses, _ = kto_loss(both, t(-2.7, -2.7), torch.tensor([True, False]), z0=0.3, beta=0.2)
+    losses.sum().backward()
+    assert float(losses.detach().sum()) == pytest.approx(1.0)  # λ(2 − σ(a) − σ(−a)) = λ
+    assert float(logp.grad) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_orpo_by_hand():
+    nll = t(0.7)
+    loss, log_odds, chosen, rejected = orpo_loss(t(math.log(0.5)), t(math.log(0.25)), nll, lam=0.2)
+    # odds: 0.5/0.5 = 1 and 0.25/0.75 = 1/3, so log OR = log 3 and −log σ(log 3) = log(4/3)
+    assert float(log_odds) == pytest.approx(math.log(3))
+    assert float(loss) == pytest.approx(0.7 + 0.2 * math.log(4 / 3))
+    assert float(chosen) == pytest.approx(0.2 * math.log(0.5)) and float(rejected) == pytest.approx(0.2 * math.log(0.25))
+
+
+def test_orpo_identical_pair_leaves_only_the_nll_gradient():
+    mean = t(-0.8).requires_grad_()
+    nll = -mean.sum()  # stands in for the NLL of the same chosen completion
+    loss, log_odds, _, _ = orpo_loss(mean, mean, nll, lam=0.5)
+    loss.backward()
+    assert float(log_odds.detach()) == 0.0
+    assert float(loss.detach()) == pytest.approx(0.8 + 0.5 * math.log(2))
+    assert float(mean.grad) == pytest.approx(-1.0)  # d(−mean)/d mean; the odds-ratio term adds nothing
+
+
+def test_orpo_nll_term_is_sfts_loss_on_the_chosen(tiny_model, synth_data):
+    """ORPO's NLL, computed from the chosen rows of the one-pass [chosen, rejected] scoring, is sft_nll."""
+    from audio_rft.model import core_model
+    from audio_rft.rollout import completion_logprobs
+    from audio_rft.train.sft import sft_nll, target_batch
+
+    processor, model = load_tiny(tiny_model)
+    core = core_model(model)
+    folder = synth_data / "train"
+    samples = samples_of(folder, 3)
+    batch = prompt_batch(processor, folder, samples)
+    chosen, chosen_mask = target_batch(processor, samples, "answer", 96)
+    rejected, rejected_mask = target_batch(processor, samples[1:] + samples[:1], "answer", 96)
+    width = max(chosen.shape[1], rejected.shape[1])
+    pad = processor.tokenizer.pad_token_id
+
+    def widen(x, value):
+        return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+    ids = torch.stack([widen(chosen, pad), widen(rejected, pad)], 1).flatten(0, 1)  # [chosen, rejected] per prompt
+    mask = torch.stack([widen(chosen_mask, 0), widen(rejected_mask, 0)], 1).flatten(0, 1)
+    with torch.no_grad():
+        logps = completion_logprobs(core, batch, ids, 2)
+        expected, _ = sft_nll(core, batch, chosen, chosen_mask)
+    assert float(mean_token_nll(logps[0::2], mask[0::2])) == pytest.approx(float(expected), rel=1e-5)
