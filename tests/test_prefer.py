@@ -129,3 +129,56 @@ def test_orpo_nll_term_is_sfts_loss_on_the_chosen(tiny_model, synth_data):
         logps = completion_logprobs(core, batch, ids, 2)
         expected, _ = sft_nll(core, batch, chosen, chosen_mask)
     assert float(mean_token_nll(logps[0::2], mask[0::2])) == pytest.approx(float(expected), rel=1e-5)
+
+
+# ---------------------------------------------------------------- the pair builder
+
+
+def build(tmp_path, name, **values):
+    from audio_rft.train.pairs import PairsConfig, build_pairs, read_jsonl
+
+    out = build_pairs(PairsConfig(out=str(tmp_path / name), device="cpu", **values))
+    return (out, read_jsonl(out / "pairs.jsonl"), read_jsonl(out / "singles.jsonl"),
+            __import__("json").loads((out / "manifest.json").read_text()))
+
+
+def test_pick_pair_never_pairs_equal_rewards():
+    from audio_rft.train.pairs import pick_pair
+
+    assert pick_pair([1.0, 1.0, 1.0]) is None
+    assert pick_pair([0.0, 2.0, 1.0, 2.0, 0.0]) == (1, 0)  # highest against lowest, first on ties
+    assert pick_pair([0.5, 0.25]) == (0, 1)
+
+
+def test_choice_pairs_prefer_the_correct_answer(synth_data, tmp_path):
+    data = str(synth_data / "train")
+    out, pairs, singles, manifest = build(tmp_path, "a", data=data, source="choices", seed=3)
+    samples = {s.id: s for s in samples_of(synth_data / "train")}
+    assert manifest["questions"] == len(samples) == manifest["pairs"] + sum(manifest["unpaired"].values())
+    assert pairs and len(singles) == 2 * len(pairs) and manifest["desirable"] == len(pairs)
+    for pair in pairs:
+        s = samples[pair["id"]]
+        assert pair["chosen"] == f"<answer>{s.answer}</answer>" and pair["rejected"] != pair["chosen"]
+        assert pair["rejected"].removeprefix("<answer>").removesuffix("</answer>") in s.choices
+        assert pair["chosen_reward"] > pair["rejected_reward"] and pair["prompt_mode"] == "answer"
+    assert [s["label"] for s in singles[:2]] == [True, False] and singles[0]["completion"] == pairs[0]["chosen"]
+    same = build(tmp_path, "b", data=data, source="choices", seed=3)[1]
+    other = build(tmp_path, "c", data=data, source="choices", seed=4)[1]
+    assert same == pairs and other != pairs  # the wrong choice is drawn per seed
+    assert not list(tmp_path.glob(".*.tmp"))  # written atomically: no temporary folder left
+
+
+def test_sampled_pairs_are_deterministic_per_seed_and_count_what_they_could_not_pair(
+        tiny_model, synth_data, tmp_path, with_plugin):
+    common = dict(data=str(synth_data / "train"), model=str(tiny_model), limit=6, num_generations=4,
+                  max_completion_length=6, batch_size=4, threads=1)
+    out, pairs, singles, manifest = build(tmp_path, "a", rewards=[with_plugin], seed=0, **common)
+    assert pairs and manifest["pairs"] == len(pairs) and manifest["pairs"] + sum(manifest["unpaired"].values()) == 6
+    assert all(p["chosen_reward"] > p["rejected_reward"] for p in pairs)
+    again = build(tmp_path, "b", rewards=[with_plugin], seed=0, batch_size=3,
+                  **{k: v for k, v in common.items() if k != "batch_size"})
+    assert (again[0] / "pairs.jsonl").read_bytes() == (out / "pairs.jsonl").read_bytes()  # batching does not matter
+    assert build(tmp_path, "c", rewards=[with_plugin], seed=1, **common)[1] != pairs
+    # accuracy alone: a random tiny model is never right, so no group has a contrast; each is counted
+    _, none, _, counted = build(tmp_path, "d", rewards=["accuracy"], seed=0, **common)
+    assert none == [] and counted["unpaired"] == {"no_contrast": 6} and counted["pairs"] == 0
