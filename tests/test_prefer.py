@@ -182,3 +182,88 @@ def test_sampled_pairs_are_deterministic_per_seed_and_count_what_they_could_not_
     # accuracy alone: a random tiny model is never right, so no group has a contrast; each is counted
     _, none, _, counted = build(tmp_path, "d", rewards=["accuracy"], seed=0, **common)
     assert none == [] and counted["unpaired"] == {"no_contrast": 6} and counted["pairs"] == 0
+
+
+# ---------------------------------------------------------------- the trainer
+
+
+@pytest.fixture(scope="module")
+def choice_pairs(synth_data, tmp_path_factory):
+    """Offline pairs for the first 4 questions (no model needed): every step sees the same few pairs."""
+    from audio_rft.train.pairs import PairsConfig, build_pairs
+
+    return build_pairs(PairsConfig(data=str(synth_data / "train"), out=str(tmp_path_factory.mktemp("pairs") / "p"),
+                                   source="choices", limit=4))
+
+
+def plain_logps(core, batch, ids, mask, repeats):
+    """Summed completion log-probs from one ordinary forward over prompt + completion (no shared prefix)."""
+    from audio_rft.rollout import PromptBatch
+
+    expand = PromptBatch(*(t.repeat_interleave(repeats, 0) for t in (
+        batch.input_ids, batch.attention_mask, batch.input_features, batch.feature_attention_mask)))
+    out = core(input_ids=torch.cat([expand.input_ids, ids], 1),
+               attention_mask=torch.cat([expand.attention_mask, torch.ones_like(ids)], 1),
+               input_features=expand.input_features, feature_attention_mask=expand.feature_attention_mask)
+    logits = out.logits[:, expand.input_ids.shape[1] - 1:-1].float()
+    token = logits.log_softmax(-1).gather(-1, ids[..., None]).squeeze(-1)
+    return (token * mask).sum(-1)
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto"])  # orpo scores exactly what dpo does
+def test_one_pass_logprobs_equal_a_plain_forward(tiny_model, synth_data, choice_pairs, method):
+    from audio_rft.data.dataset import load_dataset
+    from audio_rft.model import add_lora, core_model
+    from audio_rft.rollout import completion_logprobs
+    from audio_rft.train.pairs import read_jsonl
+    from audio_rft.train.prefer import PreferConfig, prefer_inputs
+
+    processor, model = load_tiny(tiny_model)
+    model = add_lora(model, rank=4, dropout=0.0)
+    perturb_lora(model, seed=1, scale=0.1)
+    core = core_model(model).eval()
+    folder = str(synth_data / "train")
+    items = read_jsonl(choice_pairs / ("singles.jsonl" if method == "kto" else "pairs.jsonl"))[:3]
+    by_id = {s.id: s for s in load_dataset(folder)}
+    batch, ids, mask = prefer_inputs(processor, folder, by_id, items, method, PreferConfig(), "cpu")
+    assert ids.shape[0] == 2 * len(items) and (mask[:, 0] == 1).all()
+    with torch.no_grad():
+        one_pass = (completion_logprobs(core, batch, ids, 2) * mask).sum(-1)
+        plain = plain_logps(core, batch, ids, mask, 2)
+    torch.testing.assert_close(one_pass, plain, atol=1e-5, rtol=1e-5)
+    if method == "kto":  # the second completion of each prompt is the previous item's
+        assert torch.equal(ids[1], ids[-2]) and torch.equal(ids[3], ids[0])
+
+
+def prefer_config(tiny_model, pairs, out, **overrides):
+    from audio_rft.train.prefer import PreferConfig
+
+    values = dict(model=str(tiny_model), pairs=str(pairs), out=str(out), max_steps=6, batch_size=4, lr=5e-3,
+                  lora_dropout=0.0, save_every=0, report_to=[], device="cpu", seed=0)
+    values.update(overrides)
+    return PreferConfig(**values)
+
+
+@pytest.mark.parametrize("method, overrides", [
+    ("dpo", {}),
+    ("kto", {"batch_size": 8}),  # all 8 singles each step, so both labels are in every batch
+    ("orpo", {}),
+    ("dpo", {"lora": False, "lr": 1e-3, "max_steps": 4}),  # full fine-tuning: the frozen copy is the reference
+])
+def test_short_run_moves_the_margin(tiny_model, choice_pairs, tmp_path, method, overrides):
+    from audio_rft.train.prefer import train_prefer
+
+    final = train_prefer(prefer_config(tiny_model, choice_pairs, tmp_path / "run", method=method, **overrides))
+    metrics = read_metrics(tmp_path / "run")
+    steps = overrides.get("max_steps", 6)
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+    for m in metrics:
+        assert {"loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "lr", "grad_norm",
+                "step_seconds"} <= m.keys()
+    margins = [m["rewards/margin"] for m in metrics]
+    if method == "dpo":
+        assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy = reference at step 1
+    assert margins[-1] > margins[0] + 0.01 and margins[-1] > 0, margins
+    if method == "orpo":
+        assert metrics[-1]["loss"] < metrics[0]["loss"], [m["loss"] for m in metrics]
+    assert (final / ("adapter_config.json" if overrides.get("lora", True) else "config.json")).is_file()
