@@ -267,3 +267,43 @@ def test_short_run_moves_the_margin(tiny_model, choice_pairs, tmp_path, method, 
     if method == "orpo":
         assert metrics[-1]["loss"] < metrics[0]["loss"], [m["loss"] for m in metrics]
     assert (final / ("adapter_config.json" if overrides.get("lora", True) else "config.json")).is_file()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU (gloo) path")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one_on_the_same_global_batch(tiny_model, choice_pairs, plugin_dir, tmp_path, strategy):
+    """DPO, LoRA and full: two processes with half the batch each end at the one-process weights.
+    (KTO's mismatched pairs and ORPO's token-mean NLL are per micro-batch, so they depend on the split.)"""
+    from test_distributed import final_weights, launch
+
+    from audio_rft.train.prefer import train_prefer
+
+    cases = {"lora": {}, "full": {"lora": False, "lr": 1e-4}}
+    jobs = []
+    for name, extra in cases.items():
+        config = dict(method="dpo", max_steps=2, threads=1, **extra)
+        train_prefer(prefer_config(tiny_model, choice_pairs, tmp_path / "one" / name, **config))
+        two = prefer_config(tiny_model, choice_pairs, tmp_path / strategy / name, batch_size=2, strategy=strategy, **config)
+        jobs.append({"kind": "prefer", "config": __import__("dataclasses").asdict(two)})
+    launch(jobs, tmp_path, plugin_dir)
+    for name in cases:
+        one, two = read_metrics(tmp_path / "one" / name), read_metrics(tmp_path / strategy / name)
+        assert [m["loss"] for m in two] == pytest.approx([m["loss"] for m in one], abs=1e-5)
+        a, b = final_weights(tmp_path / "one" / name), final_weights(tmp_path / strategy / name)
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_pairs_then_prefer_on_the_command_line(tiny_model, synth_data, tmp_path):
+    from helpers import run_cli
+
+    pairs = tmp_path / "pairs"
+    done = run_cli(["pairs", f"data={synth_data / 'train'}", f"out={pairs}", "source=choices", "limit=4"], timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == str(pairs) and (pairs / "manifest.json").is_file()
+    out = tmp_path / "out"
+    done = run_cli(["prefer", "method=orpo", f"model={tiny_model}", f"pairs={pairs}", f"out={out}", "max_steps=1"],
+                   timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith(str(out / "final")) and len(read_metrics(out)) == 1
+    bad = run_cli(["prefer", "method=bnf", f"model={tiny_model}", f"pairs={pairs}", f"out={out}"], timeout=60)
+    assert bad.returncode == 2 and "BNF is not implemented" in bad.stderr
