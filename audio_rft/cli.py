@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tiny-model": ("audio_rft.model", "build an offline tiny Qwen2-Audio preset (tiny or bench)"),
     "sft": ("audio_rft.train.sft", "supervised fine-tuning (the baseline)"),
     "grpo": ("audio_rft.train.grpo", "GRPO reinforcement fine-tuning"),
+    "pairs": ("audio_rft.train.pairs", "preference pairs for `prefer`: sampled and rewarded, or from the choices"),
+    "prefer": ("audio_rft.train.prefer", "preference optimisation on those pairs: DPO, KTO or ORPO"),
     "infer": ("audio_rft.eval.infer", "batched greedy inference, MMAU prediction format"),
     "score": ("audio_rft.eval.score", "score predictions with the MMAU rule"),
     "report": ("audio_rft.eval.report", "compare scored runs with confidence intervals"),

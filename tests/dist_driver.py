@@ -1,7 +1,7 @@
 """Run several trainings in one multi-process launch (torchrun starts each process once; the launch is the
 slow part): `torchrun --nproc_per_node 2 tests/dist_driver.py SPEC.json`.
 
-SPEC is a list of {"kind": "sft" | "grpo" | "measure", "config": {...}}. `measure` builds the engine of a
+SPEC is a list of {"kind": "sft" | "grpo" | "prefer" | "measure", "config": {...}}. `measure` builds the engine of a
 GRPO config, takes one optimizer step on zero gradients (so AdamW has its state) and writes, per rank,
 the bytes of parameters and optimizer state this rank holds to config["out"]/bytes-RANK.json.
 """
@@ -42,10 +42,12 @@ def measure(config) -> None:
 def main() -> None:
     from audio_rft.config import build_config
     from audio_rft.train.grpo import GRPOConfig, train_grpo
+    from audio_rft.train.prefer import PreferConfig, train_prefer
     from audio_rft.train.sft import SFTConfig, train_sft
 
     for job in json.loads(Path(sys.argv[1]).read_text()):
         cls, run = {"sft": (SFTConfig, train_sft), "grpo": (GRPOConfig, train_grpo),
+                    "prefer": (PreferConfig, train_prefer),
                     "measure": (GRPOConfig, measure)}[job["kind"]]
         run(build_config(cls, job["config"]))
 

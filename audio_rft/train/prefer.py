@@ -1,0 +1,190 @@
+"""Preference optimisation on the audio questions: `audio-rft prefer method=dpo|kto|orpo`.
+
+The data is what `audio-rft pairs` wrote: pairs.jsonl for DPO and ORPO, singles.jsonl for KTO. Each
+prompt (audio + question) is prefilled once and its two completions are scored in one pass
+(rollout.completion_logprobs with num_generations=2):
+
+- dpo, orpo: [chosen, rejected] per prompt;
+- kto: [the single's completion, the previous single's completion], the second being KTO's
+  mismatched pair for the reference point z0 (TRL's KTOTrainer pairs them the same way).
+
+The reference policy is the base model with the LoRA adapter disabled, or a frozen copy under full
+fine-tuning (start_run(keep_reference=True)); ORPO needs none. The losses live in preference_losses.
+BNF is not offered: see preference_losses' docstring.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from audio_rft import UserError
+from audio_rft.config import option
+from audio_rft.train.common import TrainConfig, oom_advice, parse_train_args, start_run
+from audio_rft.train.preference_losses import (METHODS, dpo_loss, kto_loss, kto_reference_point, mean_token_nll,
+                                               orpo_loss, sequence_logps)
+
+STOP = "<|im_end|>"
+
+
+@dataclass
+class PreferConfig(TrainConfig):
+    method: str = option("dpo", "dpo, kto or orpo")
+    pairs: str = option("", "folder written by `audio-rft pairs` (data defaults to the dataset it was built from)")
+    lr: float = option(5e-5, "peak learning rate (LoRA; TRL's DPO default 1e-6 is for full fine-tuning)")
+    batch_size: int = option(4, "pairs (kto: singles, at least 2) per device per micro-batch")
+    beta: float = option(0.1, "β of DPO and KTO (TRL's default)")
+    desirable_weight: float = option(1.0, "KTO λ_D")
+    undesirable_weight: float = option(1.0, "KTO λ_U")
+    orpo_lambda: float = option(0.1, "ORPO λ, the odds-ratio term's weight (TRL's ORPOConfig beta)")
+    max_completion_tokens: int = option(128, "completion length limit in tokens (longer ones are refused)")
+    max_prompt_tokens: int = option(2048, "refuse longer prompts (audio tokens are never cut)")
+
+
+def completion_batch(processor, texts: list[str], stopped: list[bool], limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded completion ids and mask; a completion that stopped gets its stop token back."""
+    tokenizer = processor.tokenizer
+    # An empty completion that did not stop has no token to score: it is scored as stopping at once.
+    rows = [tokenizer(text + (STOP if stop or not text else ""), add_special_tokens=False)["input_ids"]
+            for text, stop in zip(texts, stopped)]
+    longest = max(map(len, rows))
+    if longest > limit:
+        raise UserError(f"a completion has {longest} tokens, over max_completion_tokens={limit}")
+    ids = torch.full((len(rows), longest), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
+    return ids, mask
+
+
+def prefer_inputs(processor, folder: str, by_id: dict, items: list[dict], method: str, config: PreferConfig, device):
+    """The prompt batch and the two completions per prompt, interleaved [a0, b0, a1, b1, ...]."""
+    from audio_rft.rollout import encode_prompts, load_waveforms
+
+    samples = [by_id[item["id"]] for item in items]
+    try:
+        batch = encode_prompts(processor, samples, load_waveforms(folder, samples), [i["prompt_mode"] for i in items],
+                               config.max_prompt_tokens)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if method == "kto":
+        first = [(i["completion"], i["stopped"]) for i in items]
+        second = first[-1:] + first[:-1]  # the previous item's completion: a mismatched pair
+    else:
+        first = [(i["chosen"], i["chosen_stopped"]) for i in items]
+        second = [(i["rejected"], i["rejected_stopped"]) for i in items]
+    both = [x for pair in zip(first, second) for x in pair]
+    ids, mask = completion_batch(processor, [t for t, _ in both], [s for _, s in both], config.max_completion_tokens)
+    return batch.to(device), ids.to(device), mask.to(device)
+
+
+def method_loss(config: PreferConfig, layout, items: list[dict], logps: torch.Tensor, ref_logps: torch.Tensor | None,
+                mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The micro-batch's loss and what the step logs: implicit rewards of the chosen (kto: desirable) and
+    rejected (undesirable) completions, and per example whether its reward is on the right side."""
+    total, mean = sequence_logps(logps, mask)
+    a, b = total[0::2], total[1::2]
+    if config.method == "orpo":
+        nll = mean_token_nll(logps[0::2], mask[0::2])
+        loss, log_odds, chosen, rejected = orpo_loss(mean[0::2], mean[1::2], nll, config.orpo_lambda)
+        return loss, {"chosen": chosen, "rejected": rejected, "correct": chosen > rejected,
+                      "orpo/nll": nll.detach()[None], "orpo/log_odds": log_odds.detach(),
+                      "logps/chosen": a.detach(), "logps/rejected": b.detach()}
+    ref_a, ref_b = ref_logps[0::2], ref_logps[1::2]
+    if config.method == "dpo":
+        losses, chosen, rejected = dpo_loss(a, b, ref_a, ref_b, config.beta)
+        return losses.mean(), {"chosen": chosen, "rejected": rejected, "correct": chosen > rejected,
+                               "logps/chosen": a.detach(), "logps/rejected": b.detach()}
+    # KTO: z0 over the whole batch of every process, as TRL gathers it (detached: no collective in backward)
+    z0 = torch.tensor(layout.mean(float(kto_reference_point(b, ref_b))), device=a.device)
+    desirable = torch.tensor([bool(i["label"]) for i in items], device=a.device)
+    losses, rewards = kto_loss(a, ref_a, desirable, z0, config.beta, config.desirable_weight, config.undesirable_weight)
+    return losses.mean(), {"chosen": rewards[desirable], "rejected": rewards[~desirable],
+                           "correct": (rewards > 0) == desirable, "kto/z0": z0[None]}
+
+
+def summarize(layout, parts: list[dict[str, torch.Tensor]]) -> dict[str, float | None]:
+    """Means over every micro-batch of every process; rewards/margin = mean chosen − mean rejected."""
+    out = {}
+    for key in parts[0]:
+        values = layout.gather(torch.cat([p[key].float().flatten().cpu() for p in parts]))
+        out[key] = float(values.mean()) if len(values) else None
+    chosen, rejected = out.pop("chosen"), out.pop("rejected")
+    return {"rewards/chosen": chosen, "rewards/rejected": rejected,
+            "rewards/margin": None if chosen is None or rejected is None else chosen - rejected,
+            "rewards/accuracy": out.pop("correct"), **out}
+
+
+def load_items(config: PreferConfig) -> tuple[list[dict], str]:
+    """The pairs (kto: singles) and the dataset folder they were built from."""
+    from audio_rft.train.pairs import read_jsonl
+
+    folder = Path(config.pairs)
+    if not (folder / "manifest.json").is_file():
+        raise UserError(f"{folder}: no manifest.json (run `audio-rft pairs` first)")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    items = read_jsonl(folder / ("singles.jsonl" if config.method == "kto" else "pairs.jsonl"))
+    if not items:
+        raise UserError(f"{folder}: no {'singles' if config.method == 'kto' else 'pairs'} "
+                        f"(unpaired: {manifest.get('unpaired')}); sample more questions or more generations")
+    return items, config.data or manifest["data"]
+
+
+def train_prefer(config: PreferConfig, fresh: bool = False) -> Path:
+    """Preference-optimise on `config.pairs`; resumes from the latest complete checkpoint in `config.out`."""
+    from audio_rft.data.dataset import load_dataset
+    from audio_rft.rollout import completion_logprobs, with_audio_encoded
+
+    if config.method not in METHODS:
+        raise UserError(f"method {config.method!r}: choose {', '.join(METHODS)} (BNF is not implemented)")
+    if not (config.model and config.pairs and config.out):
+        raise UserError("prefer needs model, pairs and out (e.g. `audio-rft prefer method=dpo model=M pairs=P out=O`)")
+    if config.method == "kto" and config.batch_size < 2:
+        raise UserError("kto needs batch_size of at least 2 (z0 pairs each completion with another prompt)")
+    items, config.data = load_items(config)
+    by_id = {s.id: s for s in load_dataset(config.data)}
+    missing = next((i["id"] for i in items if i["id"] not in by_id), None)
+    if missing is not None:
+        raise UserError(f"{config.pairs}: sample {missing!r} is not in {config.data}")
+    reference = config.method != "orpo"
+    run = start_run(config, fresh, config.max_steps, f"prefer {config.method}", keep_reference=reference and not config.lora)
+    engine, layout = run.engine, run.layout
+    for step in range(run.start, config.max_steps):
+        step_began, loss_sum, parts = time.perf_counter(), 0.0, []
+        try:
+            for micro in range(config.grad_accum):
+                engine.sync_gradients(micro == config.grad_accum - 1)
+                batch_items = [items[i] for i in run.indices(len(items), step, micro)]
+                batch, ids, mask = prefer_inputs(run.processor, config.data, by_id, batch_items, config.method, config,
+                                                 layout.device)
+                engine.core.eval()  # a frozen audio tower runs once, without dropout, for both passes
+                batch = engine.run(with_audio_encoded, batch)
+                ref_logps = None
+                if reference:
+                    with torch.no_grad():
+                        ref_logps = sequence_logps(engine.run_reference(completion_logprobs, batch, ids, 2), mask)[0]
+                engine.core.train()
+                logps = engine.run(completion_logprobs, batch, ids, 2)
+                loss, stats = method_loss(config, layout, batch_items, logps, ref_logps, mask)
+                engine.backward(loss / config.grad_accum)
+                loss_sum += float(loss.detach()) / config.grad_accum
+                parts.append(stats)
+            norm, _ = run.optimizer_step(loss_sum)
+        except torch.cuda.OutOfMemoryError:
+            raise UserError(oom_advice("preference optimisation")) from None
+        metrics = {"step": step + 1, "loss": layout.mean(loss_sum), **summarize(layout, parts),
+                   "grad_norm": norm, "lr": engine.lr(), "step_seconds": time.perf_counter() - step_began}
+        run.bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+        run.end_step(metrics)
+    return run.finish()
+
+
+def run_argv(argv: list[str]) -> int:
+    """`audio-rft prefer --config FILE [key=value ...]`."""
+    config, flags = parse_train_args(PreferConfig, argv, "prefer")
+    print(train_prefer(config, fresh=flags.fresh))
+    return 0
