@@ -1,5 +1,6 @@
-"""`audio-rft run PIPELINE.yaml`: chain the stages (prepare, tiny-model, sft, grpo, infer, eval, report) from
-one YAML file, dataset in, checkpoint and report out, with caching and resume.
+"""`audio-rft run PIPELINE.yaml`: chain the stages (prepare, tiny-model, sft, grpo, pairs, prefer, infer, eval,
+report) from one YAML file, dataset in, checkpoint and report out, with caching and resume. What the runner
+knows of each kind of stage is one entry of STAGE_KINDS.
 
 A pipeline is a list of named stages run in the order listed. Each stage gets a folder DIR/<stage>/ and a
 `stage.json` there: its kind, the hash of its resolved config, the hashes of the stages it reads from
@@ -39,8 +40,6 @@ from audio_rft.fileio import atomic_write_json, atomic_write_text, sha256_json
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PIPELINE = "pipelines/demo.yaml"
 STAGE_FILE = "stage.json"
-KINDS = ("prepare", "tiny-model", "sft", "grpo", "infer", "eval", "report")
-TRAINING = ("sft", "grpo")
 PIPELINE_KEYS = ("name", "description", "out", "stages")
 STAGE_KEYS = ("name", "kind", "config", "launch")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
@@ -81,23 +80,6 @@ class ReportConfig:
     resamples: int = option(2000, "bootstrap resamples")
 
 
-def _config_class(kind: str) -> type:
-    """The typed config of a stage kind (imported only when a pipeline uses that kind)."""
-    if kind == "prepare":
-        from audio_rft.data.prepare import PrepareConfig
-        return PrepareConfig
-    if kind == "sft":
-        from audio_rft.train.sft import SFTConfig
-        return SFTConfig
-    if kind == "grpo":
-        from audio_rft.train.grpo import GRPOConfig
-        return GRPOConfig
-    if kind == "infer":
-        from audio_rft.eval.infer import InferConfig
-        return InferConfig
-    return {"tiny-model": TinyModelConfig, "eval": EvalConfig, "report": ReportConfig}[kind]
-
-
 # ---------------------------------------------------------------- the resolved pipeline
 
 
@@ -131,9 +113,6 @@ class Pipeline:
     out: Path
     stages: list[Stage]
     overrides: list[str]
-
-    def stage(self, name: str) -> Stage:
-        return next(s for s in self.stages if s.name == name)
 
     def portable(self, obj: Any) -> Any:
         """`obj` with the run folder written as ${out} (what the hashes and the report see)."""
@@ -253,7 +232,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
             launch = None if launch_override.strip().lower() in ("", "none", "null") else launch_override
         if launch is not None:
             if kind not in TRAINING:
-                raise UserError(f"{where}: `launch` is for sft and grpo stages only")
+                raise UserError(f"{where}: `launch` is for training stages only ({', '.join(TRAINING)})")
             launch = shlex.split(launch) if isinstance(launch, str) else launch
             if not isinstance(launch, list) or not launch or not all(isinstance(x, str) for x in launch):
                 raise UserError(f"{where}: `launch` must be a command line, e.g. "
@@ -314,39 +293,63 @@ def _check_extract(extract: str, where: str) -> None:
 
 def _build_stage(kind: str, name: str, folder: Path, values: dict, overrides: dict, where: str, deps: list[str],
                  launch: list[str] | None) -> Stage:
+    spec = STAGE_KINDS[kind]
+    config = _typed(spec.config(), values, overrides, where)
+    variants = spec.validate(config, folder, where) or []
+    return Stage(name=name, kind=kind, folder=folder, config=config, deps=deps, launch=launch, variants=variants)
+
+
+def _needs(config: Any, keys: tuple[str, ...], where: str) -> None:
+    missing = [k for k in keys if not getattr(config, k)]
+    if missing:
+        raise UserError(f"{where}: {' and '.join(f'`{k}`' for k in missing)} {'is' if len(missing) == 1 else 'are'} required")
+
+
+def _check_training(config: Any, folder: Path, where: str) -> None:
     from audio_rft.prompts import PROMPT_MODES
 
-    cls = _config_class(kind)
-    config = _typed(cls, values, overrides, where)
-    variants: list[Variant] = []
-    if kind in ("prepare", "sft", "grpo"):
-        config.out = str(folder)
-    if kind == "infer":
-        config.out = str(folder / "predictions.json")
-    if kind in TRAINING:
-        _check_mode(config.prompt_mode, PROMPT_MODES + (("mixed",) if kind == "sft" else ()), where)
-        if not config.model or not config.data:
-            raise UserError(f"{where}: `model` and `data` are required")
-    if kind == "infer":
-        _check_mode(config.prompt, PROMPT_MODES, where)
-        _check_extract(config.extract, where)
-        if not config.model or not config.data:
-            raise UserError(f"{where}: `model` and `data` are required")
-    if kind == "prepare" and config.fields:
+    config.out = str(folder)
+    _check_mode(config.prompt_mode, PROMPT_MODES + (("mixed",) if hasattr(config, "max_target_tokens") else ()), where)
+    _needs(config, ("model", "data") if not hasattr(config, "pairs") else ("model", "pairs"), where)
+
+
+def _check_prepare(config: Any, folder: Path, where: str) -> None:
+    config.out = str(folder)
+    if config.fields:
         from audio_rft.data.generic import parse_fields
         try:
             config.fields = parse_fields(f"{k}={v}" for k, v in config.fields.items())
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
-    if kind == "tiny-model":
-        from audio_rft.model import PRESETS
-        if config.preset not in PRESETS:
-            raise UserError(f"{where}: unknown preset {config.preset!r} (one of {', '.join(PRESETS)})")
-    if kind == "eval":
-        variants = _build_variants(config, folder, where)
-    if kind == "report" and not config.eval:
+
+
+def _check_tiny_model(config: Any, folder: Path, where: str) -> None:
+    from audio_rft.model import PRESETS
+
+    if config.preset not in PRESETS:
+        raise UserError(f"{where}: unknown preset {config.preset!r} (one of {', '.join(PRESETS)})")
+
+
+def _check_infer(config: Any, folder: Path, where: str) -> None:
+    from audio_rft.prompts import PROMPT_MODES
+
+    config.out = str(folder / "predictions.json")
+    _check_mode(config.prompt, PROMPT_MODES, where)
+    _check_extract(config.extract, where)
+    _needs(config, ("model", "data"), where)
+
+
+def _check_pairs(config: Any, folder: Path, where: str) -> None:
+    from audio_rft.prompts import PROMPT_MODES
+
+    config.out = str(folder)
+    _check_mode(config.prompt_mode, PROMPT_MODES, where)
+    _needs(config, ("data", "model") if config.source == "samples" else ("data",), where)
+
+
+def _check_report(config: Any, folder: Path, where: str) -> None:
+    if not config.eval:
         raise UserError(f"{where}: `eval` (the eval stage's folder, e.g. \"${{eval}}\") is required")
-    return Stage(name=name, kind=kind, folder=folder, config=config, deps=deps, launch=launch, variants=variants)
 
 
 def _build_variants(config: EvalConfig, folder: Path, where: str) -> list[Variant]:
@@ -402,20 +405,21 @@ def input_hash(record: dict) -> str:
 
 
 def outputs_present(stage: Stage) -> bool:
-    folder = stage.folder
-    if stage.kind == "prepare":
-        if stage.config.source == "synth":
-            return all((folder / split / "data.jsonl").is_file() for split in ("train", "test"))
-        return (folder / "data.jsonl").is_file()
-    if stage.kind == "tiny-model":
-        return (folder / "config.json").is_file()
-    if stage.kind in TRAINING:
-        return (folder / "final" / "COMPLETE.json").is_file()
-    if stage.kind == "infer":
-        return Path(stage.config.out).is_file()
-    if stage.kind == "eval":
-        return (folder / "variants.json").is_file() and all(Path(v.config.out).is_file() for v in stage.variants)
-    return (folder / "report.json").is_file()
+    return STAGE_KINDS[stage.kind].outputs(stage)
+
+
+def _prepared(stage: Stage) -> bool:
+    if stage.config.source == "synth":
+        return all((stage.folder / split / "data.jsonl").is_file() for split in ("train", "test"))
+    return (stage.folder / "data.jsonl").is_file()
+
+
+def _trained(stage: Stage) -> bool:
+    return (stage.folder / "final" / "COMPLETE.json").is_file()
+
+
+def _evaluated(stage: Stage) -> bool:
+    return (stage.folder / "variants.json").is_file() and all(Path(v.config.out).is_file() for v in stage.variants)
 
 
 # ---------------------------------------------------------------- running one stage
@@ -441,16 +445,20 @@ def _run_tiny_model(pipe: Pipeline, stage: Stage, fresh: bool, records: dict[str
     build_tiny_preset(c.preset, stage.folder, c.corpus, c.seed)
 
 
-def _run_training(pipe: Pipeline, stage: Stage, fresh: bool, records: dict[str, dict]) -> None:
-    if stage.launch:
-        _launch(pipe, stage, fresh)
-        return
-    if stage.kind == "sft":
-        from audio_rft.train.sft import train_sft
-        train_sft(stage.config, fresh=fresh)
-    else:
-        from audio_rft.train.grpo import train_grpo
-        train_grpo(stage.config, fresh=fresh)
+def _trainer(train: Callable[[], Callable]) -> Callable[[Pipeline, Stage, bool, dict], None]:
+    """A training stage's runner: in this process, or as `LAUNCH -m audio_rft KIND` when it has a launch line."""
+    def run(pipe: Pipeline, stage: Stage, fresh: bool, records: dict[str, dict]) -> None:
+        if stage.launch:
+            _launch(pipe, stage, fresh)
+        else:
+            train()(stage.config, fresh=fresh)
+    return run
+
+
+def _run_pairs(pipe: Pipeline, stage: Stage, fresh: bool, records: dict[str, dict]) -> None:
+    from audio_rft.train.pairs import build_pairs
+
+    build_pairs(stage.config)
 
 
 def _launch(pipe: Pipeline, stage: Stage, fresh: bool) -> None:
@@ -617,10 +625,44 @@ def _run_section(pipe: Pipeline, report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-RUNNERS: dict[str, Callable[[Pipeline, Stage, bool, dict], None]] = {
-    "prepare": _run_prepare, "tiny-model": _run_tiny_model, "sft": _run_training, "grpo": _run_training,
-    "infer": _run_infer, "eval": _run_eval, "report": _run_report,
+@dataclass(frozen=True)
+class StageKind:
+    """What the runner knows of one kind of stage; a new kind is one entry of STAGE_KINDS."""
+
+    config: Callable[[], type]  # its typed config class (imported only when a pipeline uses the kind)
+    validate: Callable[[Any, Path, str], list[Variant] | None]  # set `out`, check what build_config cannot
+    outputs: Callable[[Stage], bool]  # whether its outputs are on disk
+    run: Callable[[Pipeline, Stage, bool, dict], None]
+    launchable: bool = False  # may run as its own command under `launch:` (torchrun, accelerate launch)
+
+
+def _class(module: str, name: str) -> Callable[[], type]:
+    import importlib
+
+    return lambda: getattr(importlib.import_module(module), name)
+
+
+STAGE_KINDS: dict[str, StageKind] = {
+    "prepare": StageKind(_class("audio_rft.data.prepare", "PrepareConfig"), _check_prepare, _prepared, _run_prepare),
+    "tiny-model": StageKind(lambda: TinyModelConfig, _check_tiny_model,
+                            lambda stage: (stage.folder / "config.json").is_file(), _run_tiny_model),
+    "sft": StageKind(_class("audio_rft.train.sft", "SFTConfig"), _check_training, _trained,
+                     _trainer(_class("audio_rft.train.sft", "train_sft")), launchable=True),
+    "grpo": StageKind(_class("audio_rft.train.grpo", "GRPOConfig"), _check_training, _trained,
+                      _trainer(_class("audio_rft.train.grpo", "train_grpo")), launchable=True),
+    "pairs": StageKind(_class("audio_rft.train.pairs", "PairsConfig"), _check_pairs,
+                       lambda stage: (stage.folder / "manifest.json").is_file(), _run_pairs),
+    "prefer": StageKind(_class("audio_rft.train.prefer", "PreferConfig"), _check_training, _trained,
+                        _trainer(_class("audio_rft.train.prefer", "train_prefer")), launchable=True),
+    "infer": StageKind(_class("audio_rft.eval.infer", "InferConfig"), _check_infer,
+                       lambda stage: Path(stage.config.out).is_file(), _run_infer),
+    "eval": StageKind(lambda: EvalConfig, lambda config, folder, where: _build_variants(config, folder, where),
+                      _evaluated, _run_eval),
+    "report": StageKind(lambda: ReportConfig, _check_report, lambda stage: (stage.folder / "report.json").is_file(),
+                        _run_report),
 }
+KINDS = tuple(STAGE_KINDS)
+TRAINING = tuple(kind for kind, spec in STAGE_KINDS.items() if spec.launchable)
 
 
 # ---------------------------------------------------------------- the runner
@@ -775,7 +817,7 @@ def run_pipeline(pipe: Pipeline, force: list[str] | tuple[str, ...] = (), dry_ru
                 outcome.seconds = elapsed
 
             try:
-                RUNNERS[stage.kind](pipe, stage, action == "fresh", records)
+                STAGE_KINDS[stage.kind].run(pipe, stage, action == "fresh", records)
             except UserError as e:
                 finish("failed", str(e))
                 raise UserError(f"stage {stage.name!r} ({stage.kind}) failed: {e}; "

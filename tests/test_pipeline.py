@@ -4,6 +4,8 @@ machine, two threads per process are several times slower, not faster)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import re
@@ -240,18 +242,18 @@ def test_force_applies_once_per_command_so_the_same_command_resumes_after_an_int
         return [o.status for o in run_pipeline(load_pipeline(path), force=["data"])]
 
     assert same_command() == ["ran", "ran"]
-    real = pipeline.RUNNERS["prepare"]
+    real = pipeline.STAGE_KINDS["prepare"]
 
     def interrupted(pipe, stage, fresh, records):
         if stage.name == "copy":
             raise KeyboardInterrupt
-        real(pipe, stage, fresh, records)
+        real.run(pipe, stage, fresh, records)
 
-    monkeypatch.setitem(pipeline.RUNNERS, "prepare", interrupted)
+    monkeypatch.setitem(pipeline.STAGE_KINDS, "prepare", dataclasses.replace(real, run=interrupted))
     with pytest.raises(KeyboardInterrupt):
         same_command()  # data forced again (a new command run), then Ctrl-C in copy
     assert record(tmp_path / "out", "copy")["status"] == "failed"
-    monkeypatch.setitem(pipeline.RUNNERS, "prepare", real)
+    monkeypatch.setitem(pipeline.STAGE_KINDS, "prepare", real)
     assert same_command() == ["up to date", "resumed"]  # not forced twice: the interrupted command resumes
     assert same_command() == ["ran", "ran"]  # that command completed: running it again forces again
 
@@ -272,6 +274,10 @@ def test_a_training_stage_launched_as_two_cpu_processes(smoke, tmp_path):
 # ---------------------------------------------------------------- the recipes resolve
 
 
+def stage_of(pipe, name: str):
+    return next(s for s in pipe.stages if s.name == name)
+
+
 def test_r1_aqa_pipeline_resolves_without_running(tmp_path):
     from audio_rft.eval.infer import InferConfig
     from audio_rft.train.grpo import GRPOConfig
@@ -281,24 +287,24 @@ def test_r1_aqa_pipeline_resolves_without_running(tmp_path):
     kinds = {s.name: s.kind for s in pipe.stages}
     assert kinds == {"avqa": "prepare", "mmau": "prepare", "grpo": "grpo", "grpo-think": "grpo", "grpo-full": "grpo",
                      "sft-lora": "sft", "sft-full": "sft", "eval": "eval", "report": "report"}
-    grpo = pipe.stage("grpo").config
+    grpo = stage_of(pipe, "grpo").config
     assert isinstance(grpo, GRPOConfig) and grpo.out == str(tmp_path / "r1" / "grpo")
     assert (grpo.model, grpo.dtype, grpo.lora, grpo.prompt_mode) == ("Qwen/Qwen2-Audio-7B-Instruct", "bf16", True, "answer")
     assert (grpo.num_generations, grpo.temperature, grpo.beta, grpo.epsilon_low, grpo.epsilon_high) == (8, 1.0, 0.04, 0.2, 0.2)
     assert (grpo.batch_size, grpo.grad_accum, grpo.max_steps, grpo.save_every) == (1, 2, 1000, 100)
-    assert grpo.data == str(tmp_path / "r1" / "avqa") and pipe.stage("grpo").deps == ["avqa"]
-    assert pipe.stage("grpo-think").config.prompt_mode == "think"
-    full = pipe.stage("grpo-full")  # R1-AQA's own run: all parameters, lr 1e-6, sharded over 8 GPUs
+    assert grpo.data == str(tmp_path / "r1" / "avqa") and stage_of(pipe, "grpo").deps == ["avqa"]
+    assert stage_of(pipe, "grpo-think").config.prompt_mode == "think"
+    full = stage_of(pipe, "grpo-full")  # R1-AQA's own run: all parameters, lr 1e-6, sharded over 8 GPUs
     assert (full.config.lora, full.config.lr, full.config.batch_size, full.config.grad_accum) == (False, 1e-6, 1, 2)
-    assert "accelerate/fsdp.yaml --num_processes 8" in " ".join(full.launch) and "ddp.yaml" in " ".join(pipe.stage("grpo").launch)
-    sft = {name: pipe.stage(name).config for name in ("sft-lora", "sft-full")}
+    assert "accelerate/fsdp.yaml --num_processes 8" in " ".join(full.launch) and "ddp.yaml" in " ".join(stage_of(pipe, "grpo").launch)
+    sft = {name: stage_of(pipe, name).config for name in ("sft-lora", "sft-full")}
     assert all(isinstance(c, SFTConfig) and c.prompt_mode == "direct" for c in sft.values())
     assert (sft["sft-lora"].lora, sft["sft-full"].lora) == (True, False)
-    variants = {v.name: v.config for v in pipe.stage("eval").variants}
+    variants = {v.name: v.config for v in stage_of(pipe, "eval").variants}
     assert all(isinstance(c, InferConfig) and c.data == str(tmp_path / "r1" / "mmau") for c in variants.values())
     assert variants["grpo"].adapter == str(tmp_path / "r1" / "grpo" / "final") and variants["grpo-no-audio"].ablate_audio
     assert {c.extract for c in variants.values()} == {"r1-aqa"}  # the paper's answer extraction
-    assert pipe.stage("report").config.paper_table is None  # the user's copy of their table, when they have one
+    assert stage_of(pipe, "report").config.paper_table is None  # the user's copy of their table, when they have one
     outcomes = run_pipeline(pipe, dry_run=True)  # touches nothing
     assert [o.status for o in outcomes] == ["would run"] * len(outcomes) and not (tmp_path / "r1").exists()
 
@@ -309,9 +315,9 @@ def test_demo_pipeline_is_the_default_and_resolves(tmp_path):
     path = find_pipeline(None)
     assert path == ROOT / "pipelines" / "demo.yaml"
     pipe = load_pipeline(path, ["grpo.max_steps=7", f"out={tmp_path / 'demo'}"])
-    assert pipe.out == tmp_path / "demo" and pipe.stage("grpo").config.max_steps == 7
-    assert [v.name for v in pipe.stage("eval").variants] == VARIANTS
-    assert pipe.stage("warmup").config.prompt_mode == "mixed"
+    assert pipe.out == tmp_path / "demo" and stage_of(pipe, "grpo").config.max_steps == 7
+    assert [v.name for v in stage_of(pipe, "eval").variants] == VARIANTS
+    assert stage_of(pipe, "warmup").config.prompt_mode == "mixed"
 
 
 @pytest.mark.slow
@@ -389,3 +395,28 @@ def test_a_failing_stage_is_recorded_and_reported_in_one_line(tmp_path):
     assert statuses(done.stdout) == {"data": "ran", "mine": "failed"}
     rec = record(tmp_path / "out", "mine")
     assert rec["status"] == "failed" and "no such file" in rec["error"] and rec["finished"]
+
+
+def test_methods_pipeline_compares_every_method_on_one_report(tmp_path):
+    """pipelines/methods.yaml at tiny sizes: pairs built on-policy, DPO, KTO and ORPO beside SFT and GRPO,
+    one report with paired tests of each method against GRPO and against SFT."""
+    run_dir = tmp_path / "methods"
+    small = ["data.train=32", "data.test=16", "warmup.max_steps=3", "warmup.batch_size=4"]
+    for stage in ("sft", "grpo", "dpo", "kto", "orpo"):
+        small += [f"{stage}.max_steps=2", f"{stage}.batch_size=2", f"{stage}.save_every=0"]
+    small += ["grpo.num_generations=4", "grpo.skip_equal_groups=false", "pairs.num_generations=4",
+              "pairs.batch_size=16", "kto.batch_size=4", "eval.batch_size=16"]
+    run_ok(str(ROOT / "pipelines" / "methods.yaml"), "--out", str(run_dir), *small)
+    report = json.loads((run_dir / "report.json").read_text())
+    methods = ["base", "sft", "grpo", "dpo", "kto", "orpo"]
+    assert [v["name"] for v in report["variants"]] == methods
+    assert {v["name"]: v["checkpoint"] for v in report["variants"]}["dpo"] == "dpo/final"
+    manifest = json.loads((run_dir / "pairs" / "manifest.json").read_text())
+    assert manifest["questions"] == 32
+    tested = {frozenset((t["a"], t["b"])) for t in report["paired_tests"] if t["column"] == "average"}
+    for method in methods:
+        for against in ("grpo", "sft"):
+            assert method == against or frozenset((method, against)) in tested
+    for stage in ("dpo", "kto", "orpo"):
+        metrics = [json.loads(line) for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
+        assert len(metrics) == 2 and "rewards/margin" in metrics[0]
