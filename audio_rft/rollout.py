@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import DynamicLayer
 
 from audio_rft.data.audio import read_wav
@@ -267,15 +268,46 @@ def _layer_checkpointing_off(lm):
             layer.gradient_checkpointing = True
 
 
+LOGPROB_CHUNK_ELEMENTS = 2**25  # logits per chunk (128 MiB in fp32): 215 rows at Qwen2-Audio's vocabulary
+
+
 def token_logprobs(head, hidden: torch.Tensor, ids: torch.Tensor, chunk: int = 4096,
-                   temperature: float = 1.0) -> torch.Tensor:
-    """Gather log-softmax at `ids` without holding a float32 copy of the full (N, L, V) logits at once."""
+                   temperature: float = 1.0, chunk_elements: int = LOGPROB_CHUNK_ELEMENTS) -> torch.Tensor:
+    """log-softmax(head(hidden) / temperature) at `ids`, never holding V-wide logits beyond one chunk.
+
+    Rows go through the head `chunk` at a time (fewer when `chunk` rows would pass `chunk_elements` logits).
+    With gradients, each chunk is checkpointed: its forward keeps only its hidden rows, and backward
+    recomputes that chunk's logits and log-softmax, so no (N, V) float32 tensor lives from the forward
+    to the backward (the fused linear-cross-entropy idea; the values and gradients are exactly those
+    of the plain computation, which runs the same operations). The head stays a module call, so a
+    sharding engine's hooks gather its weight in the forward and again in the recomputation.
+    """
     flat_hidden, flat_ids = hidden.reshape(-1, hidden.shape[-1]), ids.reshape(-1)
+    rows = max(1, min(chunk, chunk_elements // _vocab_width(head, flat_hidden)))
+    recompute = torch.is_grad_enabled() and (flat_hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
     parts = []
-    for start in range(0, flat_ids.numel(), chunk):
-        logits = head(flat_hidden[start:start + chunk]).float() / temperature
-        parts.append(logits.gather(-1, flat_ids[start:start + chunk, None]).squeeze(-1) - logits.logsumexp(-1))
+    for start in range(0, flat_ids.numel(), rows):
+        args = (head, flat_hidden[start:start + rows], flat_ids[start:start + rows], temperature)
+        if recompute:
+            parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False, preserve_rng_state=False))
+        else:
+            parts.append(_chunk_logprobs(*args))
     return torch.cat(parts).view_as(ids)
+
+
+def _chunk_logprobs(head, hidden: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = head(hidden).float()
+    if temperature != 1.0:  # x / 1.0 is x: skipping it changes no value
+        logits = logits / temperature
+    return logits.gather(-1, ids[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def _vocab_width(head, hidden: torch.Tensor) -> int:
+    out = getattr(head, "out_features", None)
+    if out is None:  # a wrapped head: ask it (one row, no gradient)
+        with torch.no_grad():
+            out = head(hidden[:1]).shape[-1]
+    return int(out)
 
 
 def decode(processor, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:
