@@ -176,7 +176,8 @@ def sample(core, processor, batch: PromptBatch, num_generations: int = 1, max_ne
     rows, prompt_len = prompt_mask.shape
     hidden, cache = prefill(core, prompt_embeddings(core, batch), batch.attention_mask, num_generations)
     for layer in cache.layers:
-        GrowInPlace.reserve(layer, max_new_tokens)
+        if type(layer) is DynamicLayer:  # (a sliding-window layer keeps its own growth rule)
+            GrowInPlace.reserve(layer, max_new_tokens)
     mask = torch.cat([prompt_mask, prompt_mask.new_ones(rows, max_new_tokens)], dim=1)  # step t reads mask[:, :P + t + 1]
     position = prompt_mask.sum(-1, keepdim=True)
     embed, head, lm = core.get_input_embeddings(), core.lm_head, core.model.language_model
