@@ -35,6 +35,11 @@ from pathlib import Path
 
 DEFAULT_MODEL_CACHE = "runs/bench-preset"
 PHASES = ("rollout", "reference", "policy_forward", "backward", "optimizer")
+# fp32 rows of V logits per completion token that each variant's peak grows by with longer completions
+# (baseline: policy and reference logits plus a log-softmax temporary, measured 17.6 vs 14.3 GiB from 32 to
+# 256 tokens; ours: at most one, as rollout.token_logprobs keeps no logits for backward). Used only to skip,
+# with a message, a case that would pass the memory cap.
+LOGIT_ROWS_PER_TOKEN = {"ours": 1, "baseline": 3}
 QUESTION = "How many beeps do you hear?"
 CHOICES = ["one", "two", "three", "four"]
 
@@ -530,11 +535,20 @@ def run_grpo_bench(model_dir: str | Path, steps: int = 3, completion_tokens: int
         cases.append(("think", think_tokens, think_steps, 0, chosen))
     shapes = model_shapes(model_dir)
     results: dict[str, dict] = {}
+    peaks: dict[str, int] = {}  # each variant's peak RSS so far, to skip (and say so) a case that would pass the cap
     k = 0
     try:
         for name, L, n_steps, n_warm, case_variants in cases:
             per_variant: dict[str, list[dict]] = {v: [] for v in case_variants}
             errors: dict[str, str | None] = {v: None for v in case_variants}
+            for v in case_variants:
+                if v in peaks and L > completion_tokens:
+                    growth = LOGIT_ROWS_PER_TOKEN.get(v, 3) * G * (L - completion_tokens) * shapes["text"]["vocab"] * 4
+                    estimate = peaks[v] + growth
+                    if estimate > cap:
+                        errors[v] = (f"skipped: estimated peak {estimate / 2**30:.1f} GiB passes the memory cap of "
+                                     f"{cap / 2**30:.1f} GiB (raise --memory-cap-gb to measure it)")
+                        log(f"{name} case, {v}: {errors[v]}")
             for i in range(n_warm + n_steps):
                 for v in case_variants:
                     if errors[v]:
@@ -550,6 +564,9 @@ def run_grpo_bench(model_dir: str | Path, steps: int = 3, completion_tokens: int
                         f"{result['step_seconds']:.2f} s, peak RSS {result.get('VmHWM_bytes', 0) / 2**30:.2f} GiB")
                 k += 1
             case = {v: _summarise(v, per_variant[v], workers[v].info, G, L, errors[v]) for v in case_variants}
+            for v in case_variants:
+                if per_variant[v]:
+                    peaks[v] = max(peaks.get(v, 0), *(r.get("VmHWM_bytes", 0) for r in per_variant[v]))
             prompt_tokens = next((case[v].get("prompt_tokens") for v in case_variants if case[v].get("prompt_tokens")), None)
             frames = int(seconds * 100)
             for v in case_variants:

@@ -22,7 +22,7 @@ Phases, each on top of the static part:
   the G copies of the prompt's K/V for backward; with checkpointing every decoder layer of the prefill
   (P tokens) and of the completion pass (G·L tokens) keeps only its input plus one layer's
   recomputation, next to the prompt's K/V and its G copies;
-- logits (fp32) at completion positions only;
+- logits (fp32) at completion positions only, one chunk at a time (recomputed in backward);
 - the rollout: a KV cache for B·G sequences of P + L tokens (rollout.prefill repeats the prompt cache G
   times with batch_repeat_interleave, so it is G real copies);
 - the reference pass (no gradients): its cache and one chunk of logits;
@@ -53,7 +53,8 @@ from audio_rft import UserError
 GIB = 2**30
 CUDA_CONTEXT_BYTES = 1 * GIB  # CUDA context + kernels: outside torch's allocator, on every GPU process
 HEADROOM = 0.10  # fragmentation / allocator slack we want left over before calling it a fit
-LOGPROB_CHUNK = 4096  # rollout.token_logprobs' chunk size
+LOGPROB_CHUNK = 4096  # rollout.token_logprobs' chunk size in rows...
+LOGPROB_CHUNK_ELEMENTS = 2**25  # ...and in logits (rollout.LOGPROB_CHUNK_ELEMENTS), whichever is smaller
 STRATEGY_CHOICES = ("auto", "none", "ddp", "fsdp", "deepspeed", "zero2", "zero3")  # deepspeed: the config's zero_stage
 SIDE_BY_SIDE = ("ddp", "fsdp", "zero3")  # what `plan` compares for every stage
 ZERO3_PREFETCH_BUCKET = 50_000_000  # DeepSpeed's stage3_prefetch_bucket_size default (parameters)
@@ -349,8 +350,10 @@ def estimate(kind: str, config, shapes: dict, prompt_tokens: int = 830, device: 
         if attention_probs:
             train["attention_scores"] = layers * B * heads * (P * P + G * L * (P + L)) * w
     completion = B * G * L
-    chunk = min(completion, LOGPROB_CHUNK)
-    train["logits"] = completion * V * 4 + 3 * chunk * V * 4  # fp32 logits kept for backward + backward temporaries
+    chunk = min(completion, LOGPROB_CHUNK, max(1, LOGPROB_CHUNK_ELEMENTS // V))
+    # each chunk of logits is recomputed in backward (rollout.token_logprobs): one chunk's fp32 logits, its
+    # log-softmax and gradient are alive at a time, never all the completion's
+    train["logits"] = 3 * chunk * V * 4
     train["hidden_states"] = 3 * B * G * (P + L) * h * w  # embeddings, final norm, gathered hidden for the head
     train.update(per_pass)
 

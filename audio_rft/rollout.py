@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import Cache, DynamicLayer
 
 from audio_rft.data.audio import read_wav
@@ -161,48 +162,102 @@ def sample(core, processor, batch: PromptBatch, num_generations: int = 1, max_ne
     Returns completion ids (B*G, L) grouped by prompt, and a mask that is 1 up to and including the
     first stop token (padding after it is 0). `all_done` turns "this batch is done" into "every rank is
     done": under sharding each decode step gathers parameters collectively, so all ranks step together.
+
+    Each step costs little beyond the model's own forward: the attention mask, the KV cache (see
+    GrowInPlace), the output buffers and the noise buffer are allocated once, and the per-step work on
+    V-wide rows is done in place.
     """
-    eos = torch.tensor(stop_ids(core, processor), device=batch.input_ids.device)
+    device = batch.input_ids.device
+    eos = torch.tensor(stop_ids(core, processor), device=device)
     pad_id = processor.tokenizer.pad_token_id
-    banned = suppressed_ids(processor)
-    mask = batch.attention_mask.repeat_interleave(num_generations, 0)
+    banned = torch.tensor(suppressed_ids(processor), dtype=torch.long, device=device)
+    prompt_mask = batch.attention_mask.repeat_interleave(num_generations, 0)
+    rows, prompt_len = prompt_mask.shape
     hidden, cache = prefill(core, prompt_embeddings(core, batch), batch.attention_mask, num_generations)
-    position = mask.sum(-1)
-    embed, head = core.get_input_embeddings(), core.lm_head
-    finished = torch.zeros(len(mask), dtype=torch.bool, device=mask.device)
-    tokens, alive = [], []
-    for _ in range(max_new_tokens):
+    for layer in cache.layers:
+        if type(layer) is DynamicLayer:  # (a sliding-window layer keeps its own growth rule)
+            GrowInPlace.reserve(layer, max_new_tokens)
+    mask = torch.cat([prompt_mask, prompt_mask.new_ones(rows, max_new_tokens)], dim=1)  # step t reads mask[:, :P + t + 1]
+    position = prompt_mask.sum(-1, keepdim=True)
+    embed, head, lm = core.get_input_embeddings(), core.lm_head, core.model.language_model
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    alive = torch.zeros((rows, max_new_tokens), dtype=torch.long, device=device)
+    noise = _GumbelNoise(num_generations, generators, device) if temperature > 0 else None
+    steps = 0
+    for t in range(max_new_tokens):
         logits = head(hidden).float()
-        logits[:, banned] = float("-inf")
-        if temperature <= 0:
+        logits.index_fill_(-1, banned, float("-inf"))
+        if noise is None:
             token = logits.argmax(-1)
         else:
-            logits = logits / temperature
+            logits.div_(temperature)
             if top_p < 1.0:
                 probs, order = F.softmax(logits, dim=-1).sort(-1, descending=True)
                 drop = probs.cumsum(-1) - probs > top_p  # keep the smallest set reaching top_p
                 logits = logits.scatter(-1, order, logits.gather(-1, order).masked_fill(drop, float("-inf")))
-            token = (logits + _gumbel(logits.shape, num_generations, generators, logits.device)).argmax(-1)
-        token = token.masked_fill(finished, pad_id)
-        tokens.append(token)
-        alive.append(~finished)
-        finished = finished | torch.isin(token, eos)
+            token = logits.add_(noise.draw(logits.shape)).argmax(-1)
+        token.masked_fill_(finished, pad_id)
+        tokens[:, t] = token
+        alive[:, t] = ~finished
+        steps = t + 1
+        finished |= torch.isin(token, eos)
         done = bool(finished.all())
         if all_done(done) if all_done is not None else done:
             break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = core.model.language_model(inputs_embeds=embed(token[:, None]), attention_mask=mask,
-                                        position_ids=position[:, None], past_key_values=cache, use_cache=True)
-        cache, hidden, position = out.past_key_values, out.last_hidden_state[:, -1], position + 1
-    return torch.stack(tokens, 1), torch.stack(alive, 1).long()
+        out = lm(inputs_embeds=embed(token[:, None]), attention_mask=mask[:, :prompt_len + t + 1],
+                 position_ids=position + t, past_key_values=cache, use_cache=True)
+        cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]
+    return tokens[:, :steps], alive[:, :steps]
 
 
-def _gumbel(shape, group: int, generators: list[torch.Generator] | None, device) -> torch.Tensor:
-    if generators is None:
-        uniform = torch.rand(shape, device=device)
-    else:
-        uniform = torch.cat([torch.rand((group, shape[-1]), generator=g) for g in generators]).to(device)
-    return -torch.log(-torch.log(uniform.clamp_(1e-20, 1.0 - 1e-7)))
+class _GumbelNoise:
+    """Gumbel(0, 1) noise for B*G rows of V logits, each prompt's G rows drawn from its own generator.
+
+    The uniforms are the ones `torch.rand((G, V), generator=g)` gives (the same kernel, written into a
+    buffer allocated once), and -log(-log(u)) is applied in place: the same values as before, without a
+    concatenation, a copy per generator, or four fresh V-wide tensors per step.
+    """
+
+    def __init__(self, group: int, generators: list[torch.Generator] | None, device):
+        self.group, self.generators, self.device = group, generators, torch.device(device)
+        self.buffer: torch.Tensor | None = None
+
+    def draw(self, shape: torch.Size) -> torch.Tensor:
+        if self.generators is None:
+            return _gumbel_(torch.rand(shape, device=self.device))
+        if self.buffer is None:
+            self.buffer = torch.empty(shape)  # CPU generators draw on the CPU, as torch.rand did
+        for k, g in enumerate(self.generators):
+            self.buffer[k * self.group:(k + 1) * self.group].uniform_(0.0, 1.0, generator=g)
+        return _gumbel_(self.buffer).to(self.device)
+
+
+def _gumbel_(uniform: torch.Tensor) -> torch.Tensor:
+    return uniform.clamp_(1e-20, 1.0 - 1e-7).log_().neg_().log_().neg_()
+
+
+class GrowInPlace(DynamicLayer):
+    """One layer's KV cache with room reserved for the completion: each decode step writes its keys and
+    values into the reserved space instead of concatenating (and so copying) the whole cache."""
+
+    @staticmethod
+    def reserve(layer: DynamicLayer, extra: int) -> None:
+        keys, values = layer.keys, layer.values
+        n = keys.shape[-2]
+        layer._keys = keys.new_empty((*keys.shape[:-2], n + extra, keys.shape[-1]))
+        layer._values = values.new_empty((*values.shape[:-2], n + extra, values.shape[-1]))
+        layer._keys[..., :n, :] = keys
+        layer._values[..., :n, :] = values
+        layer.keys, layer.values = layer._keys[..., :n, :], layer._values[..., :n, :]
+        layer.__class__ = GrowInPlace
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        n, m = self.keys.shape[-2], self.keys.shape[-2] + key_states.shape[-2]
+        self._keys[..., n:m, :] = key_states
+        self._values[..., n:m, :] = value_states
+        self.keys, self.values = self._keys[..., :m, :], self._values[..., :m, :]
+        return self.keys, self.values
 
 
 def completion_logprobs(core, batch: PromptBatch, completion_ids: torch.Tensor, num_generations: int,
@@ -272,15 +327,46 @@ class ReadOnlyPrefix(DynamicLayer):
         return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
 
 
+LOGPROB_CHUNK_ELEMENTS = 2**25  # logits per chunk (128 MiB in fp32): 215 rows at Qwen2-Audio's vocabulary
+
+
 def token_logprobs(head, hidden: torch.Tensor, ids: torch.Tensor, chunk: int = 4096,
-                   temperature: float = 1.0) -> torch.Tensor:
-    """Gather log-softmax at `ids` without holding a float32 copy of the full (N, L, V) logits at once."""
+                   temperature: float = 1.0, chunk_elements: int = LOGPROB_CHUNK_ELEMENTS) -> torch.Tensor:
+    """log-softmax(head(hidden) / temperature) at `ids`, never holding V-wide logits beyond one chunk.
+
+    Rows go through the head `chunk` at a time (fewer when `chunk` rows would pass `chunk_elements` logits).
+    With gradients, each chunk is checkpointed: its forward keeps only its hidden rows, and backward
+    recomputes that chunk's logits and log-softmax, so no (N, V) float32 tensor lives from the forward
+    to the backward (the fused linear-cross-entropy idea; the values and gradients are exactly those
+    of the plain computation, which runs the same operations). The head stays a module call, so a
+    sharding engine's hooks gather its weight in the forward and again in the recomputation.
+    """
     flat_hidden, flat_ids = hidden.reshape(-1, hidden.shape[-1]), ids.reshape(-1)
+    rows = max(1, min(chunk, chunk_elements // _vocab_width(head, flat_hidden)))
+    recompute = torch.is_grad_enabled() and (flat_hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
     parts = []
-    for start in range(0, flat_ids.numel(), chunk):
-        logits = head(flat_hidden[start:start + chunk]).float() / temperature
-        parts.append(logits.gather(-1, flat_ids[start:start + chunk, None]).squeeze(-1) - logits.logsumexp(-1))
+    for start in range(0, flat_ids.numel(), rows):
+        args = (head, flat_hidden[start:start + rows], flat_ids[start:start + rows], temperature)
+        if recompute:
+            parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False, preserve_rng_state=False))
+        else:
+            parts.append(_chunk_logprobs(*args))
     return torch.cat(parts).view_as(ids)
+
+
+def _chunk_logprobs(head, hidden: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = head(hidden).float()
+    if temperature != 1.0:  # x / 1.0 is x: skipping it changes no value
+        logits = logits / temperature
+    return logits.gather(-1, ids[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def _vocab_width(head, hidden: torch.Tensor) -> int:
+    out = getattr(head, "out_features", None)
+    if out is None:  # a wrapped head: ask it (one row, no gradient)
+        with torch.no_grad():
+            out = head(hidden[:1]).shape[-1]
+    return int(out)
 
 
 def decode(processor, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:
