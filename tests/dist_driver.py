@@ -8,6 +8,7 @@ the bytes of parameters and optimizer state this rank holds to config["out"]/byt
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -45,7 +46,20 @@ def main() -> None:
     from audio_rft.train.prefer import PreferConfig, train_prefer
     from audio_rft.train.sft import SFTConfig, train_sft
 
+    from audio_rft.train import common
+
+    finish = common.Run.finish
+
+    def finish_with_checksum(run):
+        digest = hashlib.sha256()
+        for name, param in sorted(run.engine.model.named_parameters()):
+            local = param.to_local() if hasattr(param, "to_local") else param
+            digest.update(name.encode() + local.detach().cpu().float().numpy().tobytes())
+        (run.out / f"weights-{run.layout.rank}.txt").write_text(digest.hexdigest())
+        return finish(run)
+
     for job in json.loads(Path(sys.argv[1]).read_text()):
+        common.Run.finish = finish_with_checksum if job.get("checksums") else finish
         cls, run = {"sft": (SFTConfig, train_sft), "grpo": (GRPOConfig, train_grpo),
                     "prefer": (PreferConfig, train_prefer),
                     "measure": (GRPOConfig, measure)}[job["kind"]]

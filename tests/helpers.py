@@ -24,11 +24,20 @@ NO_SHARED = "../shared is absent (a user's clone has none)"
 # A reward plugin whose value varies with the completion text, so that even an untrained model's groups
 # have unequal rewards and GRPO steps move the weights (accuracy alone is 0 for every random completion).
 PLUGIN_SOURCE = '''
+import zlib
+
+
 def variety(completions, samples, **_):
     """Distinct characters / 10: different for almost every random completion."""
     return [len(set(c)) / 10.0 for c in completions]
+
+
+def half(completions, samples, **_):
+    """variety for about half the questions (by id), 0 for the others: their groups have nothing to learn."""
+    return [len(set(c)) / 10.0 if zlib.crc32(s.id.encode()) % 2 else 0.0 for c, s in zip(completions, samples)]
 '''
 PLUGIN = "rft_test_rewards:variety"
+HALF_PLUGIN = "rft_test_rewards:half"
 
 _BUILT: dict[str, Path] = {}
 

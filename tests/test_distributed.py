@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (PLUGIN, ROOT, adapter_weights, assert_same_weights, plugin_dir, read_metrics,  # noqa: F401
-                     synth_data, tiny_model)
+from helpers import (HALF_PLUGIN, PLUGIN, ROOT, adapter_weights, assert_same_weights, plugin_dir,  # noqa: F401
+                     read_metrics, synth_data, tiny_model)
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU (gloo) path")
 
@@ -207,3 +207,48 @@ def test_accelerate_launch_configs_pick_the_engine(tiny_model, synth_data, plugi
     assert done.returncode == 0, done.stderr[-4000:]
     engine = json.loads((out / "run.json").read_text())["engine"]
     assert engine["strategy"] == strategy and engine["processes"] == 2
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_rank_with_nothing_to_learn_and_ranks_stopping_apart_neither_hang_nor_drift(
+        tiny_model, synth_data, plugin_dir, tmp_path, strategy):
+    """Rewards that leave about half the questions with equal rewards: with skip_equal_groups some steps find one
+    rank with every group skipped while the other trains, and completions stop at different lengths on the two
+    ranks (a stop token is likely here). The run must end (no collective left waiting), and under ddp both
+    replicas must hold the same weights at the end."""
+    out = tmp_path / "run"
+    config = grpo(tiny_model, synth_data, out, batch_size=1, strategy=strategy, max_steps=6, save_every=0,
+                  rewards=[HALF_PLUGIN], skip_equal_groups=True, max_completion_length=10, temperature=1.5)
+    launch([{"kind": "grpo", "config": config, "checksums": True}], tmp_path, plugin_dir)
+    metrics = read_metrics(out)
+    assert len(metrics) == 6
+    assert any(m["frac_reward_zero_std"] == 0.5 for m in metrics)  # one rank skipped all its groups that step
+    digests = [(out / f"weights-{rank}.txt").read_text() for rank in (0, 1)]
+    if strategy == "ddp":
+        assert digests[0] == digests[1]
+
+
+def test_sampling_steps_until_every_rank_is_done(tiny_model, synth_data):
+    """`all_done` keeps a finished batch decoding (padding) until the others are done, without changing it."""
+    from helpers import load_tiny, prompt_batch, samples_of
+
+    from audio_rft.rollout import sample
+
+    processor, model = load_tiny(tiny_model)
+    folder = synth_data / "train"
+    batch = prompt_batch(processor, folder, samples_of(folder, 2))
+    im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():
+        model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.lm_head.out_features))
+        model.lm_head.bias[im_end] = 50.0  # every completion stops at its first token
+        alone, alone_mask = sample(model, processor, batch, 2, 8, 0.0)
+        steps = []
+
+        def others_need_three(done: bool) -> bool:
+            steps.append(done)
+            return done and len(steps) >= 3
+
+        waiting, waiting_mask = sample(model, processor, batch, 2, 8, 0.0, all_done=others_need_three)
+    assert alone.shape[1] == 1 and waiting.shape[1] == 3 and steps == [True, True, True]
+    assert torch.equal(waiting[:, :1], alone) and torch.equal(waiting_mask[:, :1], alone_mask)
+    assert not waiting_mask[:, 1:].any()
