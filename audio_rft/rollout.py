@@ -152,21 +152,25 @@ def stop_ids(core, processor) -> list[int]:
 @torch.no_grad()
 def sample(core, processor, batch: PromptBatch, num_generations: int = 1, max_new_tokens: int = 32,
            temperature: float = 0.0, top_p: float = 1.0, generators: list[torch.Generator] | None = None,
-           all_done: Callable[[bool], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           all_done: Callable[[bool], bool] | None = None,
+           stop_tokens: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample `num_generations` completions per prompt (greedy at temperature 0) from one prefill.
 
     Sampling is Gumbel-max with noise drawn from one generator per prompt, so a prompt's completions
     depend only on its own seed and logits: not on which other prompts share its batch or process.
     Returns completion ids (B*G, L) grouped by prompt, and a mask that is 1 up to and including the
-    first stop token (padding after it is 0). `all_done` turns "this batch is done" into "every rank is
-    done": under sharding each decode step gathers parameters collectively, so all ranks step together.
+    first stop token (padding after it is 0). The stop tokens are the model's (stop_ids) unless
+    `stop_tokens` is given; `stop_tokens=[]` runs every completion to `max_new_tokens` (fixed-length
+    benchmarking). `all_done` turns "this batch is done" into "every rank is done": under sharding each
+    decode step gathers parameters collectively, so all ranks step together.
 
     Each step costs little beyond the model's own forward: the attention mask, the KV cache (see
     GrowInPlace), the output buffers and the noise buffer are allocated once, and the per-step work on
     V-wide rows is done in place.
     """
     device = batch.input_ids.device
-    eos = torch.tensor(stop_ids(core, processor), device=device)
+    eos = torch.tensor(stop_ids(core, processor) if stop_tokens is None else stop_tokens, dtype=torch.long,
+                       device=device)
     pad_id = processor.tokenizer.pad_token_id
     banned = torch.tensor(suppressed_ids(processor), dtype=torch.long, device=device)
     prompt_mask = batch.attention_mask.repeat_interleave(num_generations, 0)
