@@ -68,10 +68,11 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
-    template = Qwen2Tokenizer()  # only for Qwen2's pre-tokenizer regex
+    from audio_rft.compat import qwen2_pre_tokenizer
+
     bpe = Tokenizer(models.BPE())
     bpe.normalizer = normalizers.NFC()
-    bpe.pre_tokenizer = template._tokenizer.pre_tokenizer
+    bpe.pre_tokenizer = qwen2_pre_tokenizer()
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -117,7 +118,8 @@ def build_processor(preset: str, corpus_datasets: Iterable[str | Path] = ()):
 def build_tiny_preset(preset: str, out: str | Path, corpus_datasets: Iterable[str | Path] = (), seed: int = 0) -> Path:
     """Build a randomly initialised Qwen2-Audio of preset shape plus its processor, saved with save_pretrained."""
     from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
-    from transformers.models.whisper.modeling_whisper import sinusoids
+
+    from audio_rft.compat import whisper_sinusoids
 
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -147,7 +149,7 @@ def build_tiny_preset(preset: str, out: str | Path, corpus_datasets: Iterable[st
     # as that table (std ~0.6); at the default std 0.02 the conv output is ~0.015 and the table swamps it.
     tower = model.model.audio_tower
     with torch.no_grad():
-        tower.embed_positions.weight.copy_(sinusoids(*tower.embed_positions.weight.shape))
+        tower.embed_positions.weight.copy_(whisper_sinusoids(*tower.embed_positions.weight.shape))
         for conv in (tower.conv1, tower.conv2):
             torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
             conv.bias.zero_()
@@ -257,11 +259,13 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     (rollout.PromptOnly, rollout.ReadOnlyPrefix), which transformers lets a checkpointed layer keep
     only when the layer says so.
     """
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from audio_rft.compat import allow_checkpoint_with_cache, enable_activation_checkpointing
+
+    enable_activation_checkpointing(model, use_reentrant=False)
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     for layer in core_model(model).model.language_model.layers:
-        layer._can_checkpoint_with_cache = True
+        allow_checkpoint_with_cache(layer)
 
 
 def core_model(model: torch.nn.Module):

@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from audio_rft.bench import machine_info
+from audio_rft.machine import machine_info
 from audio_rft import UserError
 from audio_rft.config import build_config, config_to_dict, option, read_yaml
 from audio_rft.fileio import atomic_write_json, atomic_write_text, sha256_json

@@ -81,9 +81,11 @@ def architecture_ties_embeddings() -> bool:
     the model carries a separate lm_head (the plan counts what the model will really hold)."""
     try:
         from transformers import Qwen2AudioForConditionalGeneration
+
+        from audio_rft.compat import declares_tied_weights
     except ImportError:
         return True
-    return bool(getattr(Qwen2AudioForConditionalGeneration, "_tied_weights_keys", None))
+    return declares_tied_weights(Qwen2AudioForConditionalGeneration)
 
 
 def shapes_from_config(config: dict) -> dict:

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from transformers.cache_utils import Cache, DynamicLayer
 
+from audio_rft.compat import (CacheLayer, audio_output_lengths, bidirectional_mask, lm_forward, output_cache,
+                              prompt_cache, repeat_cache)
 from audio_rft.data.audio import read_wav
 from audio_rft.data.dataset import resolve_audio
 from audio_rft.data.schema import Sample
@@ -84,16 +85,13 @@ def _tower_trains(core) -> bool:
 
 def encode_audio(core, batch: PromptBatch) -> torch.Tensor:
     """The audio tower's last hidden state for every clip (padded frames masked out of attention)."""
-    from transformers.masking_utils import create_bidirectional_mask
-
     tower = core.model.audio_tower
     dtype = core.model.get_input_embeddings().weight.dtype
-    feature_lengths, _ = tower._get_feat_extract_output_lengths(batch.feature_attention_mask.sum(-1))
+    feature_lengths, _ = audio_output_lengths(tower, batch.feature_attention_mask.sum(-1))
     frames = (batch.input_features.shape[-1] - 2) // 2 + 1
     device = batch.input_features.device
     valid = (torch.arange(frames, device=device)[None, :] < feature_lengths[:, None]).long()
-    mask = create_bidirectional_mask(config=tower.config, inputs_embeds=torch.zeros(len(batch), frames, 1, dtype=dtype,
-                                     device=device), attention_mask=valid)
+    mask = bidirectional_mask(tower.config, valid, dtype)
     with torch.set_grad_enabled(torch.is_grad_enabled() and _tower_trains(core)):
         return tower(batch.input_features.to(dtype), attention_mask=mask).last_hidden_state
 
@@ -115,7 +113,7 @@ def prompt_embeddings(core, batch: PromptBatch) -> torch.Tensor:
     qwen = core.model
     embeds = qwen.get_input_embeddings()(batch.input_ids)
     hidden = batch.audio_hidden if batch.audio_hidden is not None else encode_audio(core, batch)
-    _, audio_lengths = qwen.audio_tower._get_feat_extract_output_lengths(batch.feature_attention_mask.sum(-1))
+    _, audio_lengths = audio_output_lengths(qwen.audio_tower, batch.feature_attention_mask.sum(-1))
     features = qwen.multi_modal_projector(hidden)
     keep = torch.arange(features.shape[1], device=embeds.device)[None, :] < audio_lengths[:, None]
     features = features[keep]
@@ -134,9 +132,9 @@ def prefill(core, embeds: torch.Tensor, mask: torch.Tensor, repeats: int):
     """Run the prompt once; return the last hidden state and the KV cache, each repeated per completion."""
     out = core.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=_positions(mask),
                                     use_cache=True)
-    cache = out.past_key_values
+    cache = output_cache(out)
     if repeats > 1:
-        cache.batch_repeat_interleave(repeats)
+        repeat_cache(cache, repeats)
     return out.last_hidden_state[:, -1].repeat_interleave(repeats, 0), cache
 
 
@@ -154,28 +152,32 @@ def stop_ids(core, processor) -> list[int]:
 @torch.no_grad()
 def sample(core, processor, batch: PromptBatch, num_generations: int = 1, max_new_tokens: int = 32,
            temperature: float = 0.0, top_p: float = 1.0, generators: list[torch.Generator] | None = None,
-           all_done: Callable[[bool], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           all_done: Callable[[bool], bool] | None = None,
+           stop_tokens: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample `num_generations` completions per prompt (greedy at temperature 0) from one prefill.
 
     Sampling is Gumbel-max with noise drawn from one generator per prompt, so a prompt's completions
     depend only on its own seed and logits: not on which other prompts share its batch or process.
     Returns completion ids (B*G, L) grouped by prompt, and a mask that is 1 up to and including the
-    first stop token (padding after it is 0). `all_done` turns "this batch is done" into "every rank is
-    done": under sharding each decode step gathers parameters collectively, so all ranks step together.
+    first stop token (padding after it is 0). The stop tokens are the model's (stop_ids) unless
+    `stop_tokens` is given; `stop_tokens=[]` runs every completion to `max_new_tokens` (fixed-length
+    benchmarking). `all_done` turns "this batch is done" into "every rank is done": under sharding each
+    decode step gathers parameters collectively, so all ranks step together.
 
     Each step costs little beyond the model's own forward: the attention mask, the KV cache (see
     GrowInPlace), the output buffers and the noise buffer are allocated once, and the per-step work on
     V-wide rows is done in place.
     """
     device = batch.input_ids.device
-    eos = torch.tensor(stop_ids(core, processor), device=device)
+    eos = torch.tensor(stop_ids(core, processor) if stop_tokens is None else stop_tokens, dtype=torch.long,
+                       device=device)
     pad_id = processor.tokenizer.pad_token_id
     banned = torch.tensor(suppressed_ids(processor), dtype=torch.long, device=device)
     prompt_mask = batch.attention_mask.repeat_interleave(num_generations, 0)
     rows, prompt_len = prompt_mask.shape
     hidden, cache = prefill(core, prompt_embeddings(core, batch), batch.attention_mask, num_generations)
     for layer in cache.layers:
-        if type(layer) is DynamicLayer:  # (a sliding-window layer keeps its own growth rule)
+        if type(layer) is CacheLayer:  # (a sliding-window layer keeps its own growth rule)
             GrowInPlace.reserve(layer, max_new_tokens)
     mask = torch.cat([prompt_mask, prompt_mask.new_ones(rows, max_new_tokens)], dim=1)  # step t reads mask[:, :P + t + 1]
     position = prompt_mask.sum(-1, keepdim=True)
@@ -205,9 +207,9 @@ def sample(core, processor, batch: PromptBatch, num_generations: int = 1, max_ne
         done = bool(finished.all())
         if all_done(done) if all_done is not None else done:
             break
-        out = lm(inputs_embeds=embed(token[:, None]), attention_mask=mask[:, :prompt_len + t + 1],
-                 position_ids=position + t, past_key_values=cache, use_cache=True)
-        cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]
+        out = lm_forward(lm, inputs_embeds=embed(token[:, None]), attention_mask=mask[:, :prompt_len + t + 1],
+                         position_ids=position + t, cache=cache, use_cache=True)
+        cache, hidden = output_cache(out), out.last_hidden_state[:, -1]
     return tokens[:, :steps], alive[:, :steps]
 
 
@@ -237,12 +239,12 @@ def _gumbel_(uniform: torch.Tensor) -> torch.Tensor:
     return uniform.clamp_(1e-20, 1.0 - 1e-7).log_().neg_().log_().neg_()
 
 
-class GrowInPlace(DynamicLayer):
+class GrowInPlace(CacheLayer):
     """One layer's KV cache with room reserved for the completion: each decode step writes its keys and
     values into the reserved space instead of concatenating (and so copying) the whole cache."""
 
     @staticmethod
-    def reserve(layer: DynamicLayer, extra: int) -> None:
+    def reserve(layer: CacheLayer, extra: int) -> None:
         keys, values = layer.keys, layer.values
         n = keys.shape[-2]
         layer._keys = keys.new_empty((*keys.shape[:-2], n + extra, keys.shape[-1]))
@@ -282,13 +284,13 @@ def completion_logprobs(core, batch: PromptBatch, completion_ids: torch.Tensor, 
     positions = _positions(full_mask)
     lm = core.model.language_model
     if shared_prefix and num_generations > 1:
-        prompt_cache = Cache(layer_class_to_replicate=PromptOnly)
-        out = lm(inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=_positions(batch.attention_mask),
-                 past_key_values=prompt_cache, use_cache=True)
+        prompt = prompt_cache(PromptOnly)
+        out = lm_forward(lm, inputs_embeds=embeds, attention_mask=batch.attention_mask,
+                         position_ids=_positions(batch.attention_mask), cache=prompt, use_cache=True)
         last = out.last_hidden_state[:, -1].repeat_interleave(num_generations, 0)
-        cache = Cache(layers=[ReadOnlyPrefix.repeated(layer, num_generations) for layer in prompt_cache.layers])
-        out = lm(inputs_embeds=completion_embeds, attention_mask=full_mask,
-                 position_ids=positions[:, prompt_mask.shape[1]:], past_key_values=cache, use_cache=True)
+        cache = prompt_cache(layers=[ReadOnlyPrefix.repeated(layer, num_generations) for layer in prompt.layers])
+        out = lm_forward(lm, inputs_embeds=completion_embeds, attention_mask=full_mask,
+                         position_ids=positions[:, prompt_mask.shape[1]:], cache=cache, use_cache=True)
         hidden = torch.cat([last[:, None], out.last_hidden_state[:, :-1]], dim=1)
     else:
         sequence = torch.cat([embeds.repeat_interleave(num_generations, 0), completion_embeds], dim=1)
@@ -297,12 +299,12 @@ def completion_logprobs(core, batch: PromptBatch, completion_ids: torch.Tensor, 
     return token_logprobs(core.lm_head, hidden, completion_ids, chunk, temperature)
 
 
-# transformers' DynamicLayer appends each forward's keys to the cache in place: a checkpointed layer recomputed
-# in backward would append them a second time. These two never grow, so recomputation is safe
-# (model.enable_gradient_checkpointing lets checkpointed decoder layers keep such a cache).
+# transformers' dynamic cache layer (compat.CacheLayer) appends each forward's keys to the cache in place: a
+# checkpointed layer recomputed in backward would append them a second time. These two never grow, so
+# recomputation is safe (model.enable_gradient_checkpointing lets checkpointed decoder layers keep such a cache).
 
 
-class PromptOnly(DynamicLayer):
+class PromptOnly(CacheLayer):
     """One layer's cache of the prompt, written by the prefill alone: a write replaces, never appends."""
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -312,11 +314,11 @@ class PromptOnly(DynamicLayer):
         return key_states, value_states
 
 
-class ReadOnlyPrefix(DynamicLayer):
+class ReadOnlyPrefix(CacheLayer):
     """One layer's prompt keys/values, repeated per completion, that a forward reads but never extends."""
 
     @classmethod
-    def repeated(cls, prompt: DynamicLayer, repeats: int) -> "ReadOnlyPrefix":
+    def repeated(cls, prompt: CacheLayer, repeats: int) -> "ReadOnlyPrefix":
         layer = cls()
         layer.lazy_initialization(prompt.keys, prompt.values)
         layer.keys = prompt.keys.repeat_interleave(repeats, 0)

@@ -45,7 +45,8 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     from audio_rft import rollout
-    from audio_rft.bench import DEFAULT_MODEL_CACHE, bench_prompt, no_stop_tokens
+    from audio_rft.bench import DEFAULT_MODEL_CACHE, bench_prompt
+    from audio_rft.compat import lm_forward
     from audio_rft.model import add_lora, build_tiny_preset, core_model, load_model
 
     folder = Path(args.model or DEFAULT_MODEL_CACHE)
@@ -61,9 +62,8 @@ def main() -> int:
     G, L, P = args.G, args.L, batch.input_ids.shape[1]
     generators = lambda: [torch.Generator().manual_seed(0)]  # noqa: E731
 
-    def draw(n: int):
-        with no_stop_tokens():
-            return rollout.sample(core, processor, batch, G, n, 1.0, 1.0, generators())
+    def draw(n: int):  # fixed length: no stop token
+        return rollout.sample(core, processor, batch, G, n, 1.0, 1.0, generators(), stop_tokens=[])
 
     rows = []
     # per token: the difference between L tokens and 1 token (the prefill and setup cancel out)
@@ -83,8 +83,8 @@ def main() -> int:
         position = mask.sum(-1, keepdim=True)
 
         def lm_step():  # one decode forward at context P; cropped back so every repeat sees the same cache
-            core.model.language_model(inputs_embeds=embeds, attention_mask=step_mask, position_ids=position,
-                                      past_key_values=cache, use_cache=True)
+            lm_forward(core.model.language_model, inputs_embeds=embeds, attention_mask=step_mask, position_ids=position,
+                       cache=cache, use_cache=True)
             cache.crop(-1)
 
         rows.append(("  language model decode forward", timed(lambda: lm_step(), 10) * 1e3, "ms"))

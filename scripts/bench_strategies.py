@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def worker(args) -> None:
     import torch
 
-    from audio_rft.bench import OursStep, bench_prompt, proc_status
+    from audio_rft.bench import OursStep, bench_prompt
+    from audio_rft.machine import proc_status
 
     torch.set_num_threads(args.threads)
     runner = OursStep(args.model, args.generations, strategy=args.strategy, lora=args.mode == "lora")

@@ -522,6 +522,24 @@ def test_sample_mask_ends_at_first_stop_token(rollout_setup):
     assert not any("<|im_end|>" in t or "<|endoftext|>" in t for t in texts)
 
 
+def test_stop_tokens_default_to_the_model_s_and_an_empty_list_runs_to_max_new_tokens(rollout_setup):
+    processor, _, core, _, _, batch = rollout_setup
+    im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def draw(**kw):
+        return sample(core, processor, batch, 4, 10, temperature=1.0,
+                      generators=[torch.Generator().manual_seed(i) for i in range(len(batch))], **kw)
+
+    with boosted_head(core, {im_end: 3.0}):
+        default, explicit, fixed = draw(), draw(stop_tokens=stop_ids(core, processor)), draw(stop_tokens=[])
+    assert all(torch.equal(a, b) for a, b in zip(default, explicit))
+    assert default[1].sum() < default[1].numel()  # some completions stopped early by default
+    ids, mask = fixed
+    assert ids.shape == (4 * len(batch), 10) and bool(mask.all())  # with no stop token, every one runs to L
+    # the same draws up to each row's first stop: the stop tokens change only where a completion ends
+    assert torch.equal(ids[:, :default[0].shape[1]] * default[1], default[0] * default[1])
+
+
 # ---------------------------------------------------------------- errors
 
 def test_uncached_hub_id_offline_is_a_one_line_user_error(synth_data, tmp_path):
