@@ -468,59 +468,39 @@ def _guess_kind(values: dict) -> str:
     return "grpo"
 
 
-def _model_shapes(model: str, stages: dict[str, dict], seen: tuple[str, ...] = ()) -> dict:
-    """Shapes for a model string; in a pipeline, `${stage}` or `${stage}/final` follows that stage back to
-    its base model (a training stage's `model`, or a tiny-model stage's preset)."""
-    import re
+def _model_shapes(model: str, stages: list, seen: tuple[str, ...] = ()) -> dict:
+    """Shapes for a model string; in a pipeline, a path into a stage's folder (`${stage}`, `${stage}/final`)
+    follows that stage back to its base model (a training stage's `model`, or a tiny-model stage's preset)."""
+    import os
 
-    match = re.fullmatch(r"\$\{([^}]+)\}(/.*)?", model.strip())
-    if match and stages:
-        name = match.group(1)
-        stage = stages.get(name)
-        if stage is None or name in seen:
-            raise UserError(f"model {model!r}: no stage {name!r} to take the model shapes from; pass --model")
-        values = stage.get("config") or {}
-        if stage.get("kind") == "tiny-model":
-            return shapes_for_preset(str(values.get("preset", "tiny")))
-        if stage.get("kind") in ("sft", "grpo") and isinstance(values.get("model"), str):
-            return _model_shapes(values["model"], stages, seen + (name,))
-        raise UserError(f"model {model!r}: stage {name!r} ({stage.get('kind')}) does not name a model; pass --model")
+    for stage in stages:
+        if model != str(stage.folder) and not model.startswith(str(stage.folder) + os.sep):
+            continue
+        if stage.kind == "tiny-model":
+            return shapes_for_preset(stage.config.preset)
+        if isinstance(getattr(stage.config, "model", None), str) and stage.name not in seen:
+            return _model_shapes(stage.config.model, stages, seen + (stage.name,))
+        raise UserError(f"model {model!r}: stage {stage.name!r} ({stage.kind}) does not name a model; pass --model")
     return shapes_for_model(model)
 
 
 def plan_targets(path: str | Path, kind: str = "auto",
-                 overrides: list[str] | tuple[str, ...] = ()) -> list[tuple[str, str, object]]:
-    """(name, kind, config) for a stage config YAML, or for every sft/grpo stage of a pipeline YAML."""
-    from audio_rft.config import build_config, load_config, parse_overrides, read_yaml
+                 overrides: list[str] | tuple[str, ...] = ()) -> tuple[list[tuple[str, str, object]], list]:
+    """(name, kind, config) for a stage config YAML, or for every sft/grpo stage of a pipeline YAML, and the
+    pipeline's stages (to follow model references). A pipeline is read by the runner's own loader
+    (pipeline.load_pipeline): the same rules, references and `STAGE.KEY=VALUE` overrides as `audio-rft run`."""
+    from audio_rft.config import load_config, read_yaml
+    from audio_rft.pipeline import load_pipeline
 
     data = read_yaml(path)
     if "stages" not in data:
         stage_kind = _guess_kind(data) if kind == "auto" else kind
-        return [(Path(path).stem, stage_kind, load_config(_config_class(stage_kind), path, overrides))]
-    stages = data["stages"]
-    if not isinstance(stages, list):
-        raise UserError(f"{path}: 'stages' must be a list of {{name, kind, config}}")
-    targets = []
-    for i, stage in enumerate(stages):
-        if not isinstance(stage, dict):
-            raise UserError(f"{path}: stage {i + 1} is not a mapping")
-        stage_kind = str(stage.get("kind", ""))
-        name = str(stage.get("name", f"stage{i + 1}"))
-        if stage_kind not in ("sft", "grpo"):
-            continue
-        values = stage.get("config") or {}
-        if isinstance(values, str):  # a stage may point at a stage config file
-            values = read_yaml(Path(path).parent / values)
-        if not isinstance(values, dict):
-            raise UserError(f"{path}: stage {name!r}: config must be a mapping")
-        values = dict(values)
-        if "model" not in values and isinstance(data.get("model"), str):
-            values["model"] = data["model"]
-        targets.append((name, stage_kind, build_config(_config_class(stage_kind), values, parse_overrides(overrides),
-                                                       source=f"{path}: stage {name!r}")))
+        return [(Path(path).stem, stage_kind, load_config(_config_class(stage_kind), path, overrides))], []
+    pipe = load_pipeline(path, overrides)
+    targets = [(stage.name, stage.kind, stage.config) for stage in pipe.stages if stage.kind in ("sft", "grpo")]
     if not targets:
         raise UserError(f"{path}: no sft or grpo stage to plan")
-    return targets
+    return targets, pipe.stages
 
 
 def plan(path: str | Path, gpu_gb: float = 80.0, kind: str = "auto", prompt_tokens: int = 830, device: str = "cuda",
@@ -528,12 +508,9 @@ def plan(path: str | Path, gpu_gb: float = 80.0, kind: str = "auto", prompt_toke
          strategy: str | None = None) -> list[dict]:
     """Per stage: the estimate under `strategy` (default: the stage config's) on `gpus` GPUs, with
     `per_gpu_gib` and `fits`, and `strategies`: the same for ddp, fsdp and zero3 side by side."""
-    from audio_rft.config import read_yaml
-
-    data = read_yaml(path)
-    stages = {str(s.get("name")): s for s in data.get("stages", []) if isinstance(s, dict)} if "stages" in data else {}
+    targets, stages = plan_targets(path, kind, overrides)
     results = []
-    for name, stage_kind, config in plan_targets(path, kind, overrides):
+    for name, stage_kind, config in targets:
         target_model = model or config.model
         if not target_model:
             raise UserError(f"{name}: no model in the config; pass --model")
@@ -573,7 +550,7 @@ def add_parser(subparsers, command: str) -> None:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                         help="cpu: no CUDA context, fp32 for dtype=auto, math attention keeps scores")
     parser.add_argument("--json", help="also write the estimate as JSON here")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. num_generations=16")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides: key=value for a stage config, STAGE.KEY=VALUE for a pipeline (as audio-rft run), e.g. grpo.num_generations=16")
 
     def run(args: argparse.Namespace) -> int:
         results = plan(args.config, args.gpu_gb, args.kind, args.prompt_tokens, args.device, args.overrides, args.model,

@@ -158,23 +158,32 @@ def test_plan_cli_compares_strategies_on_several_gpus(tmp_path, capsys):
 def test_stage_config_and_pipeline_yaml(tmp_path, capsys):
     stage = tmp_path / "grpo.yaml"
     stage.write_text(yaml.safe_dump({"model": HUB_ID, "num_generations": 8, "lora": True, "dtype": "bf16"}))
-    [(name, kind, config)] = plan_targets(stage)
+    [(name, kind, config)], _ = plan_targets(stage)
     assert kind == "grpo" and isinstance(config, GRPOConfig)
     sft_only = tmp_path / "sft.yaml"
     sft_only.write_text(yaml.safe_dump({"model": HUB_ID, "max_target_tokens": 64}))
-    assert plan_targets(sft_only)[0][1] == "sft"
+    assert plan_targets(sft_only)[0][0][1] == "sft"
 
     pipeline = tmp_path / "pipeline.yaml"
     pipeline.write_text(yaml.safe_dump({"stages": [
         {"name": "data", "kind": "prepare", "config": {"source": "synth"}},
-        {"name": "sft", "kind": "sft", "config": {"model": HUB_ID, "lora": True, "batch_size": 4}},
-        {"name": "grpo", "kind": "grpo", "config": {"model": HUB_ID, "num_generations": 8, "gradient_checkpointing": True}},
-        {"name": "eval", "kind": "eval", "config": {}},
+        {"name": "sft", "kind": "sft", "config": {"model": HUB_ID, "data": "${data}/train", "lora": True, "batch_size": 4}},
+        {"name": "grpo", "kind": "grpo", "config": {"model": HUB_ID, "data": "${data}/train", "num_generations": 8,
+                                                    "gradient_checkpointing": True}},
+        {"name": "eval", "kind": "eval", "config": {"data": "${data}/test",
+                                                    "variants": [{"name": "grpo", "model": "${grpo}/final"}]}},
     ]}))
     results = plan(pipeline, gpu_gb=80)
     assert [r["name"] for r in results] == ["sft", "grpo"]
     assert all(r["fits"] for r in results)
     assert not plan(pipeline, gpu_gb=8)[1]["fits"]
+    # the runner's rules and overrides: STAGE.KEY=VALUE reaches that stage only; a mistake names the stage
+    changed = plan(pipeline, gpu_gb=80, overrides=["grpo.num_generations=16"])
+    assert [r["layout"]["generations"] for r in changed] == [1, 16]
+    from audio_rft import UserError
+
+    with pytest.raises(UserError, match="stage 'grpo'.*unknown key 'num_generation'"):
+        plan(pipeline, overrides=["grpo.num_generation=16"])
 
     from audio_rft.cli import main
 
@@ -192,8 +201,8 @@ def test_pipeline_models_given_by_stage_references(tmp_path, tiny_model):
     pipeline = tmp_path / "demo.yaml"
     pipeline.write_text(yaml.safe_dump({"stages": [
         {"name": "base-model", "kind": "tiny-model", "config": {"preset": "tiny"}},
-        {"name": "warmup", "kind": "sft", "config": {"model": "${base-model}", "lora": False, "dtype": "fp32"}},
-        {"name": "grpo", "kind": "grpo", "config": {"model": "${warmup}/final", "lora": False, "dtype": "fp32"}},
+        {"name": "warmup", "kind": "sft", "config": {"model": "${base-model}", "data": "d", "lora": False, "dtype": "fp32"}},
+        {"name": "grpo", "kind": "grpo", "config": {"model": "${warmup}/final", "data": "d", "lora": False, "dtype": "fp32"}},
     ]}))
     results = plan(pipeline, gpu_gb=80, device="cpu")
     assert [r["shapes_source"] for r in results] == ["the tiny preset's shapes"] * 2
