@@ -550,7 +550,7 @@ def _run_eval(pipe: Pipeline, stage: Stage, fresh: bool, records: dict[str, dict
 
 
 def _run_report(pipe: Pipeline, stage: Stage, fresh: bool, records: dict[str, dict]) -> None:
-    from audio_rft.eval.report import build_report, render_csv, render_markdown
+    from audio_rft.eval.report import build_report, write_report
 
     c = stage.config
     eval_dir = Path(c.eval)
@@ -567,7 +567,7 @@ def _run_report(pipe: Pipeline, stage: Stage, fresh: bool, records: dict[str, di
     stage.folder.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
     report = build_report(runs, stage.folder, c.paper_table, seed=c.seed, resamples=c.resamples,
-                          training=_training_stages(pipe, [by_name[n] for n in chosen]))
+                          training=_training_stages(pipe, [by_name[n] for n in chosen]), write=False)
     for entry in report["training_curves"]:
         entry["folder"] = pipe.relative(entry["folder"]) or entry["folder"]
     for v in report["variants"]:
@@ -590,11 +590,7 @@ def _run_report(pipe: Pipeline, stage: Stage, fresh: bool, records: dict[str, di
     report["machine"] = machine_info()
     report["stage_seconds"] = seconds
     report["pipeline"] = {"path": str(pipe.path), "out": str(pipe.out), "content": pipe.portable(pipe.to_json())}
-    atomic_write_json(stage.folder / "report.json", report)
-    shown = {**report, "variants": [{**v, "checkpoint": v.get("checkpoint")} for v in report["variants"]]}
-    markdown = render_markdown(shown) + _run_section(pipe, report)
-    atomic_write_text(stage.folder / "report.md", markdown)
-    atomic_write_text(stage.folder / "report.csv", render_csv(shown))
+    write_report(stage.folder, report, appendix=_run_section(pipe, report))
     for path in [stage.folder / n for n in TOP_LEVEL_COPIES] + sorted(stage.folder.glob("*.png")):
         shutil.copyfile(path, pipe.out / f".{path.name}.tmp")
         os.replace(pipe.out / f".{path.name}.tmp", pipe.out / path.name)

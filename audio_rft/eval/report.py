@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from collections import Counter, defaultdict
 from itertools import combinations
 from pathlib import Path
@@ -271,8 +270,10 @@ def _paired_tests(variants: list[dict], columns: list[str], resamples: int, seed
 
 
 def build_report(runs: list[tuple[str, str | Path]], out_dir: str | Path, paper_table: str | Path | None = None,
-                 seed: int = 0, resamples: int = RESAMPLES, training: dict[str, str | Path] | None = None) -> dict:
-    """Compare runs [(name, PRED.json)]; write report.md/.json/.csv and charts into out_dir; return the JSON.
+                 seed: int = 0, resamples: int = RESAMPLES, training: dict[str, str | Path] | None = None,
+                 write: bool = True) -> dict:
+    """Compare runs [(name, PRED.json)]; draw the charts into out_dir, write report.md/.json/.csv there
+    (unless `write` is false: the pipeline adds its own fields, then calls write_report once); return the JSON.
 
     training: variant name -> the training folder its checkpoint comes from, whose curves the report shows;
     None: found from each variant's checkpoint (a `final` or `checkpoint-N` beside a metrics.jsonl).
@@ -302,12 +303,20 @@ def build_report(runs: list[tuple[str, str | Path]], out_dir: str | Path, paper_
     }
     out_dir = Path(out_dir)
     report["training_curves"] = training_curves(loaded, out_dir, training)
-    atomic_write_json(out_dir / "report.json", report)
-    atomic_write_text(out_dir / "report.md", render_markdown(report))
-    atomic_write_text(out_dir / "report.csv", render_csv(report))
     plot_accuracy(report, out_dir / "accuracy.png")
     plot_answers(report, out_dir / "answers.png")
+    if write:
+        write_report(out_dir, report)
     return report
+
+
+def write_report(out_dir: str | Path, report: dict, appendix: str = "") -> None:
+    """report.json, report.md (+ `appendix`) and report.csv; a variant without a checkpoint of ours shows none."""
+    out_dir = Path(out_dir)
+    shown = {**report, "variants": [{**v, "checkpoint": v.get("checkpoint")} for v in report["variants"]]}
+    atomic_write_json(out_dir / "report.json", report)
+    atomic_write_text(out_dir / "report.md", render_markdown(shown) + appendix)
+    atomic_write_text(out_dir / "report.csv", render_csv(shown))
 
 
 def training_curves(variants: list[dict], out_dir: Path, training: dict[str, str | Path] | None) -> list[dict]:
