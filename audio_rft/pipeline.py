@@ -676,8 +676,8 @@ class Outcome:
     seconds: float | None = None
 
 
-def plan_stage(stage: Stage, signature: dict, forced: bool) -> tuple[str, str]:
-    """(action, reason): action is skip, resume or fresh."""
+def stage_action(stage: Stage, signature: dict, forced: bool) -> tuple[str, str]:
+    """What the runner does with a stage now: (action, reason), action being skip, resume or fresh."""
     record = read_record(stage.folder)
     if forced:
         return "fresh", "forced"
@@ -773,7 +773,7 @@ def run_pipeline(pipe: Pipeline, force: list[str] | tuple[str, ...] = (), dry_ru
         for i, stage in enumerate(pipe.stages, 1):
             signature = _signature(pipe, stage, records)
             forced = stage.name in force and (read_record(stage.folder) or {}).get("invocation") not in lineage[:-1]
-            action, reason = plan_stage(stage, signature, forced)
+            action, reason = stage_action(stage, signature, forced)
             if dry_run:
                 if action == "skip" and any(d in will_run for d in stage.deps):
                     action, reason = "fresh", "an input will rerun"
@@ -885,8 +885,8 @@ def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
 def _run(args: argparse.Namespace) -> int:
     path, overrides = _split_args(args.args)
     pipe = load_pipeline(find_pipeline(path), overrides, args.out)
-    outcomes = run_pipeline(pipe, args.force, dry_run=args.dry_run)
-    return 0 if all(o.status != "failed" for o in outcomes) else 1
+    run_pipeline(pipe, args.force, dry_run=args.dry_run)  # a failed stage raises: exit 2 (130 for Ctrl-C)
+    return 0
 
 
 _DESCRIPTION = """\
