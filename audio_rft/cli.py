@@ -9,6 +9,9 @@ import os
 import sys
 
 from audio_rft import UserError, __version__
+from audio_rft.log import setup_logging
+
+GLOBAL_FLAGS = ("--debug", "--quiet", "--verbose")  # taken wherever they stand, before or after the command
 
 # command -> (module that defines add_parser(subparsers), one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -39,6 +42,10 @@ def _top_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"audio-rft {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("--quiet", action="store_true", help="log warnings and errors only (a command's output "
+                        "on stdout stays)")
+    parser.add_argument("--verbose", action="store_true", help="log debug messages too, from every process of a "
+                        "multi-GPU run (by default only rank 0 logs)")
     parser.add_argument("command", nargs="?", choices=list(COMMANDS), metavar="COMMAND")
     return parser
 
@@ -46,7 +53,10 @@ def _top_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or bool(os.environ.get("AUDIO_RFT_DEBUG"))
-    argv = [a for a in argv if a != "--debug"]
+    # --quiet / --verbose set AUDIO_RFT_LOG_LEVEL, which the processes a run starts (launch:) inherit
+    level = "debug" if "--verbose" in argv else "warning" if "--quiet" in argv else None
+    argv = [a for a in argv if a not in GLOBAL_FLAGS]
+    setup_logging(level)
     top = _top_parser()
     if not argv or argv[0] not in COMMANDS:
         top.parse_args(argv)  # handles --help / --version / unknown commands
@@ -62,6 +72,8 @@ def main(argv: list[str] | None = None) -> None:
             module.add_parser(parser.add_subparsers(dest="command"), command)
             args = parser.parse_args(argv)
             code = args.func(args)
+    # The one line that ends a failed command is printed, not logged: like argparse's own usage errors, it
+    # must show whatever the log level, and tests and scripts read it as the command's last word.
     except UserError as e:
         if debug:
             raise

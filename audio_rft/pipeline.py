@@ -426,6 +426,9 @@ def _evaluated(stage: Stage) -> bool:
 
 
 def _print(text: str = "") -> None:
+    """The runner's own output (stage progress, the summary table) goes to stdout, not to the log: it is what
+    `audio-rft run` reports, read by scripts and tests; flushed, so it keeps its place among the lines of
+    launched training processes. What happens inside a stage is logged (audio_rft.log)."""
     print(text, flush=True)
 
 

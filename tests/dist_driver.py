@@ -41,10 +41,12 @@ def measure(config) -> None:
 
 def main() -> None:
     from audio_rft.config import build_config
+    from audio_rft.log import setup_logging
     from audio_rft.train.grpo import GRPOConfig, train_grpo
     from audio_rft.train.prefer import PreferConfig, train_prefer
     from audio_rft.train.sft import SFTConfig, train_sft
 
+    setup_logging()  # as `audio-rft` does: the tests read "resuming from" in rank 0's stderr
     for job in json.loads(Path(sys.argv[1]).read_text()):
         cls, run = {"sft": (SFTConfig, train_sft), "grpo": (GRPOConfig, train_grpo),
                     "prefer": (PreferConfig, train_prefer),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +21,8 @@ from audio_rft.config import config_help, config_to_dict, load_config, option
 from audio_rft.data.audio import MAX_SECONDS, SAMPLE_RATE
 from audio_rft.data.dataset import AUDIO_DIR, DATA_FILE, MANIFEST_FILE, REJECTED_FILE, content_hash
 from audio_rft.data.schema import Sample, SampleError
+
+logger = logging.getLogger(__name__)
 
 SOURCES = ("synth", "avqa", "mmau", "jsonl", "csv", "hf")
 
@@ -203,7 +205,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
         print((f"{name}: " if name else "") + format_summary(part))
         rejected += part.get("rejected", 0)
     if args.strict and rejected:
-        print(f"audio-rft prepare: --strict: {rejected} items rejected (see rejected.jsonl)", file=sys.stderr)
+        logger.error("--strict: %d items rejected (see rejected.jsonl)", rejected)
         return 1
     return 0
 
@@ -213,7 +215,7 @@ def _run_validate(args: argparse.Namespace) -> int:
     for problem in problems:
         print(problem)
     if problems:
-        print(f"{args.folder}: {len(problems)} problems", file=sys.stderr)
+        logger.error("%s: %d problems", args.folder, len(problems))
         return 1
     print(f"{args.folder}: ok")
     return 0

@@ -17,7 +17,7 @@ manifest.json (counts, including every question that gave no pair and why).
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,6 +26,8 @@ import numpy as np
 
 from audio_rft import UserError
 from audio_rft.config import config_to_dict, option
+
+logger = logging.getLogger(__name__)
 
 SOURCES = ("samples", "choices")
 STOP = "<|im_end|>"
@@ -190,7 +192,7 @@ def build_pairs(config: PairsConfig) -> Path:
         for name, rows in (("pairs.jsonl", pairs), ("singles.jsonl", singles)):
             (tmp / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"pairs: {len(pairs)} from {len(everything)} questions; unpaired {dict(unpaired) or 0}", file=sys.stderr)
+    logger.info("pairs: %d from %d questions; unpaired %s", len(pairs), len(everything), dict(unpaired) or 0)
     return out
 
 
