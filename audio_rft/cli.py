@@ -13,17 +13,18 @@ from audio_rft.log import setup_logging
 
 GLOBAL_FLAGS = ("--debug", "--quiet", "--verbose")  # taken wherever they stand, before or after the command
 
-# command -> (module that defines add_parser(subparsers), one-line summary)
+# command -> (its module, one-line summary). "module:function" names the entry that parses the command's own
+# arguments (`[--config FILE] [key=value ...]`, config.parse_command); a bare module defines add_parser.
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("audio_rft.pipeline", "run a pipeline YAML (default: pipelines/demo.yaml): dataset in, checkpoint and report out"),
-    "prepare": ("audio_rft.data.prepare", "build a prepared dataset (synth, avqa, mmau, jsonl, csv, hf)"),
+    "prepare": ("audio_rft.data.prepare:run_argv", "build a prepared dataset (synth, avqa, mmau, jsonl, csv, hf)"),
     "validate": ("audio_rft.data.prepare", "re-check a prepared dataset folder"),
     "tiny-model": ("audio_rft.model", "build an offline tiny Qwen2-Audio preset (tiny or bench)"),
-    "sft": ("audio_rft.train.sft", "supervised fine-tuning (the baseline)"),
-    "grpo": ("audio_rft.train.grpo", "GRPO reinforcement fine-tuning"),
-    "pairs": ("audio_rft.train.pairs", "preference pairs for `prefer`: sampled and rewarded, or from the choices"),
-    "prefer": ("audio_rft.train.prefer", "preference optimisation on those pairs: DPO, KTO or ORPO"),
-    "infer": ("audio_rft.eval.infer", "batched greedy inference, MMAU prediction format"),
+    "sft": ("audio_rft.train.sft:run_argv", "supervised fine-tuning (the baseline)"),
+    "grpo": ("audio_rft.train.grpo:run_argv", "GRPO reinforcement fine-tuning"),
+    "pairs": ("audio_rft.train.pairs:run_argv", "preference pairs for `prefer`: sampled and rewarded, or from the choices"),
+    "prefer": ("audio_rft.train.prefer:run_argv", "preference optimisation on those pairs: DPO, KTO or ORPO"),
+    "infer": ("audio_rft.eval.infer:run_argv", "batched greedy inference, MMAU prediction format"),
     "score": ("audio_rft.eval.score", "score predictions with the MMAU rule"),
     "report": ("audio_rft.eval.report", "compare scored runs with confidence intervals"),
     "curves": ("audio_rft.eval.curves", "draw a training run's metrics.jsonl into curves.png"),
@@ -63,10 +64,11 @@ def main(argv: list[str] | None = None) -> None:
         top.print_help()
         sys.exit(2)
     command = argv[0]
-    module = importlib.import_module(COMMANDS[command][0])
+    module_name, _, entry = COMMANDS[command][0].partition(":")
+    module = importlib.import_module(module_name)
     try:
-        if hasattr(module, "run_argv"):  # training commands parse `--config FILE key=value ...` themselves
-            code = module.run_argv(argv[1:])
+        if entry:
+            code = getattr(module, entry)(argv[1:])
         else:
             parser = argparse.ArgumentParser(prog="audio-rft", add_help=False)
             module.add_parser(parser.add_subparsers(dest="command"), command)

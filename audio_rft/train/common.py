@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from audio_rft import UserError
-from audio_rft.config import config_help, config_to_dict, load_config, option
+from audio_rft.config import config_to_dict, option, parse_command
 from audio_rft.fileio import atomic_dir, atomic_write_json, sha256_file
 from audio_rft.train.engine import (Engine, Layout, build_engine, describe, master_dtype, process_layout,
                                     resolve_strategy)
@@ -81,17 +81,12 @@ class TrainConfig:
 
 
 def parse_train_args(cls: type, argv: list[str], prog: str):
-    """`--config FILE [key=value ...]` (bare key=value works without a file); `--help` lists every key.
-    A run resumes from its newest complete checkpoint by itself; `--fresh` starts over."""
-    import argparse
+    """`--config FILE [key=value ...]`, as every command (config.parse_command). A run resumes from its newest
+    complete checkpoint by itself; `--fresh` starts over."""
+    def fresh(parser) -> None:
+        parser.add_argument("--fresh", action="store_true", help="ignore existing checkpoints in out/ and start over")
 
-    parser = argparse.ArgumentParser(prog=f"audio-rft {prog}", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=config_help(cls))
-    parser.add_argument("--config", help="YAML config file")
-    parser.add_argument("--fresh", action="store_true", help="ignore existing checkpoints in out/ and start over")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
-    return load_config(cls, args.config, args.overrides), args
+    return parse_command(cls, argv, f"audio-rft {prog}", setup=fresh)
 
 
 def seed_everything(seed: int) -> None:

@@ -202,15 +202,9 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def run_argv(argv: list[str]) -> int:
     """`audio-rft pairs --config FILE [key=value ...]`."""
-    import argparse
+    from audio_rft.config import parse_command
 
-    from audio_rft.config import config_help, load_config
-
-    parser = argparse.ArgumentParser(prog="audio-rft pairs", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     description=__doc__.split("\n\n")[0], epilog=config_help(PairsConfig))
-    parser.add_argument("--config", help="YAML config file")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
-    print(build_pairs(load_config(PairsConfig, args.config, args.overrides)))
+    config, _ = parse_command(PairsConfig, argv, "audio-rft pairs", description=__doc__.split("\n\n")[0])
+    print(build_pairs(config))
     return 0
 
