@@ -7,6 +7,7 @@ the `--help` text, so the listing of keys and defaults can never drift from the 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -149,12 +150,76 @@ def config_to_dict(config: Any) -> dict:
     return dataclasses.asdict(config)
 
 
-def config_help(cls: type) -> str:
+def config_help(cls: type, keys: tuple[str, ...] | None = None) -> str:
+    """Every key of `cls` (or those of `keys`) with its type, default and help."""
     hints = typing.get_type_hints(cls)
     lines = [f"config keys ({cls.__name__}); set in the YAML file or as key=value:"]
     for f in dataclasses.fields(cls):
+        if keys is not None and f.name not in keys:
+            continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
         type_name = getattr(hints[f.name], "__name__", str(hints[f.name]).replace("typing.", ""))
         lines.append(f"  {f.name}={default!r}  [{type_name}]\n      {f.metadata.get('help', '')}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the command-line dialect
+
+OVERRIDE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*=.*", re.S)
+_TRUTH = ("true", "false", "yes", "no", "on", "off", "1", "0")
+
+
+def _flag_overrides(cls: type, argv: list[str]) -> list[str]:
+    """Flag spellings of config keys, read as key=value: `--batch-size 8` or `--batch-size=8` is batch_size=8,
+    a bare `--ablate-audio` on a true/false key is ablate_audio=true. Anything else is left for argparse."""
+    hints = typing.get_type_hints(cls)
+    out, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        name, sep, value = token[2:].partition("=")
+        key = name.replace("-", "_")
+        if not token.startswith("--") or key not in hints or key == "config":
+            out.append(token)
+        elif sep:
+            out.append(f"{key}={value}")
+        elif hints[key] is bool:
+            following = argv[i + 1] if i + 1 < len(argv) else ""
+            take = following.lower() in _TRUTH  # `--lora false` as well as a bare `--ablate-audio`
+            out.append(f"{key}={following if take else 'true'}")
+            i += take
+        elif i + 1 < len(argv):
+            out.append(f"{key}={argv[i + 1]}")
+            i += 1
+        else:
+            raise UserError(f"{token}: expected a value ({key}=VALUE)")
+        i += 1
+    return out
+
+
+def parse_command(cls: type[T], argv: list[str], prog: str, description: str = "", usage: str | None = None,
+                  keys: tuple[str, ...] | None = None, positional: str | None = None,
+                  setup: Any = None) -> tuple[T, Any]:
+    """Every command's dialect: `[--config FILE] [key=value ...]` over the dataclass `cls`, defaults declared
+    once, in it; `--help` lists its keys (`keys`: only those). `--key VALUE` and a bare `--flag` are read as
+    key=value too, so flag spellings like `--batch-size 8` keep working. A bare argument sets the key
+    `positional` (e.g. prepare's INPUT). `setup(parser)` adds the command's own flags (`--fresh`, ...).
+    Returns the config and the parsed flags."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog=prog, usage=usage, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(description + "\n\n" if description else "")
+        + "Keys are set in a YAML file (--config), as key=value, or as --key VALUE (a true/false key also as a bare "
+          "--key); key=value arguments override the file.",
+        epilog=config_help(cls, keys))
+    parser.add_argument("--config", metavar="FILE", help="YAML file of config keys")
+    if setup is not None:
+        setup(parser)
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_intermixed_args(_flag_overrides(cls, argv))
+    bare = [item for item in args.overrides if not OVERRIDE_RE.fullmatch(item)]
+    if bare and (positional is None or len(bare) > 1):
+        raise UserError(f"{bare[-1]!r}: expected key=value" + (f" (only one {positional.upper()})" if positional else ""))
+    args.overrides = [f"{positional}={b}" for b in bare] + [o for o in args.overrides if o not in bare]
+    return load_config(cls, args.config, args.overrides), args

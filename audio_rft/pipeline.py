@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -26,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import time
+import typing
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -57,18 +59,22 @@ class TinyModelConfig:
     seed: int = option(0, "initialisation seed")
 
 
-@dataclass
-class EvalConfig:
-    data: str = option("", "prepared benchmark dataset folder (every variant's default)")
-    variants: list[dict] = option([], "one mapping per variant: name, model, and any `audio-rft infer` key "
-                                      "(adapter, prompt, ablate_audio, max_new_tokens, ...)")
-    batch_size: int = option(16, "prompts per batch (every variant's default)")
-    max_new_tokens: int = option(32, "completion length limit (every variant's default; raise it for think)")
-    extract: str = option("audio-rft", "how model_prediction is read from the output (every variant's default): "
-                                       "audio-rft, or r1-aqa as R1-AQA's test script does")
-    limit: int | None = option(None, "only the first N items (every variant's default)")
-    device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
-    dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
+@functools.cache
+def eval_config() -> type:
+    """The eval stage's config class: `variants`, and every `audio-rft infer` key but `out` as every variant's
+    default. Those keys and defaults are InferConfig's, declared once there (built on first use, since
+    importing infer imports torch)."""
+    from audio_rft.eval.infer import InferConfig
+
+    hints = typing.get_type_hints(InferConfig)
+    shared = [(f.name, hints[f.name], dataclasses.field(
+        default=f.default, default_factory=f.default_factory,
+        metadata={"help": f.metadata["help"] + " (every variant's default)"}))
+        for f in dataclasses.fields(InferConfig) if f.name != "out"]
+    variants = option([], "one mapping per variant: name, and any `audio-rft infer` key but out (model, adapter, "
+                          "prompt, ablate_audio, ...), over the defaults below")
+    return dataclasses.make_dataclass("EvalConfig", [("variants", list[dict], variants), *shared],
+                                      namespace={"__module__": __name__})
 
 
 @dataclass
@@ -352,13 +358,13 @@ def _check_report(config: Any, folder: Path, where: str) -> None:
         raise UserError(f"{where}: `eval` (the eval stage's folder, e.g. \"${{eval}}\") is required")
 
 
-def _build_variants(config: EvalConfig, folder: Path, where: str) -> list[Variant]:
+def _build_variants(config: Any, folder: Path, where: str) -> list[Variant]:
     from audio_rft.eval.infer import InferConfig
     from audio_rft.prompts import PROMPT_MODES
 
     if not config.variants:
         raise UserError(f"{where}: `variants` is empty; list at least one {{name, model, prompt}}")
-    shared = {k: getattr(config, k) for k in ("data", "batch_size", "max_new_tokens", "extract", "limit", "device", "dtype")}
+    shared = {k: v for k, v in config_to_dict(config).items() if k != "variants"}
     variants: list[Variant] = []
     for i, entry in enumerate(config.variants, 1):
         if not isinstance(entry, dict):
@@ -426,6 +432,9 @@ def _evaluated(stage: Stage) -> bool:
 
 
 def _print(text: str = "") -> None:
+    """The runner's own output (stage progress, the summary table) goes to stdout, not to the log: it is what
+    `audio-rft run` reports, read by scripts and tests; flushed, so it keeps its place among the lines of
+    launched training processes. What happens inside a stage is logged (audio_rft.log)."""
     print(text, flush=True)
 
 
@@ -652,7 +661,7 @@ STAGE_KINDS: dict[str, StageKind] = {
                         _trainer(_class("audio_rft.train.prefer", "train_prefer")), launchable=True),
     "infer": StageKind(_class("audio_rft.eval.infer", "InferConfig"), _check_infer,
                        lambda stage: Path(stage.config.out).is_file(), _run_infer),
-    "eval": StageKind(lambda: EvalConfig, lambda config, folder, where: _build_variants(config, folder, where),
+    "eval": StageKind(eval_config, lambda config, folder, where: _build_variants(config, folder, where),
                       _evaluated, _run_eval),
     "report": StageKind(lambda: ReportConfig, _check_report, lambda stage: (stage.folder / "report.json").is_file(),
                         _run_report),
@@ -672,8 +681,8 @@ class Outcome:
     seconds: float | None = None
 
 
-def plan_stage(stage: Stage, signature: dict, forced: bool) -> tuple[str, str]:
-    """(action, reason): action is skip, resume or fresh."""
+def stage_action(stage: Stage, signature: dict, forced: bool) -> tuple[str, str]:
+    """What the runner does with a stage now: (action, reason), action being skip, resume or fresh."""
     record = read_record(stage.folder)
     if forced:
         return "fresh", "forced"
@@ -769,7 +778,7 @@ def run_pipeline(pipe: Pipeline, force: list[str] | tuple[str, ...] = (), dry_ru
         for i, stage in enumerate(pipe.stages, 1):
             signature = _signature(pipe, stage, records)
             forced = stage.name in force and (read_record(stage.folder) or {}).get("invocation") not in lineage[:-1]
-            action, reason = plan_stage(stage, signature, forced)
+            action, reason = stage_action(stage, signature, forced)
             if dry_run:
                 if action == "skip" and any(d in will_run for d in stage.deps):
                     action, reason = "fresh", "an input will rerun"
@@ -881,8 +890,8 @@ def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
 def _run(args: argparse.Namespace) -> int:
     path, overrides = _split_args(args.args)
     pipe = load_pipeline(find_pipeline(path), overrides, args.out)
-    outcomes = run_pipeline(pipe, args.force, dry_run=args.dry_run)
-    return 0 if all(o.status != "failed" for o in outcomes) else 1
+    run_pipeline(pipe, args.force, dry_run=args.dry_run)  # a failed stage raises: exit 2 (130 for Ctrl-C)
+    return 0
 
 
 _DESCRIPTION = """\

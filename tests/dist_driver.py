@@ -42,10 +42,12 @@ def measure(config) -> None:
 
 def main() -> None:
     from audio_rft.config import build_config
+    from audio_rft.log import setup_logging
     from audio_rft.train.grpo import GRPOConfig, train_grpo
     from audio_rft.train.prefer import PreferConfig, train_prefer
     from audio_rft.train.sft import SFTConfig, train_sft
 
+    setup_logging()  # as `audio-rft` does: the tests read "resuming from" in rank 0's stderr
     from audio_rft.train import common
 
     finish = common.Run.finish

@@ -136,8 +136,9 @@ def test_every_subcommand_has_help(capsys):
         assert f"usage: audio-rft prepare {source}" in text and "--out DIR" in text
     assert cli("prepare", "csv", "--help") == 0
     text = capsys.readouterr().out
-    for option in ("--field", "--answer-index", "--audio-dir", "--delimiter", "--strict"):
+    for option in ("--field", "answer_index=", "audio_dir=", "delimiter=", "--strict"):  # --key VALUE: any key
         assert option in text
+    assert "delimiter=" not in (cli("prepare", "jsonl", "--help"), capsys.readouterr().out)[1]  # its own keys only
 
 
 def test_usage_errors_exit_2(small_input, tmp_path, capsys):

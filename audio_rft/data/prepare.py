@@ -7,8 +7,9 @@ its own module and is imported only when used (`prepare hf` alone imports `datas
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import sys
+import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +18,12 @@ from typing import Any
 import soundfile as sf
 
 from audio_rft import UserError
-from audio_rft.config import config_help, config_to_dict, load_config, option
+from audio_rft.config import option
 from audio_rft.data.audio import MAX_SECONDS, SAMPLE_RATE
 from audio_rft.data.dataset import AUDIO_DIR, DATA_FILE, MANIFEST_FILE, REJECTED_FILE, content_hash
 from audio_rft.data.schema import Sample, SampleError
+
+logger = logging.getLogger(__name__)
 
 SOURCES = ("synth", "avqa", "mmau", "jsonl", "csv", "hf")
 
@@ -28,7 +31,7 @@ SOURCES = ("synth", "avqa", "mmau", "jsonl", "csv", "hf")
 @dataclass
 class PrepareConfig:
     source: str = option("synth", f"where the data comes from: {', '.join(SOURCES)}")
-    out: str = option("runs/data", "output folder (replaced atomically when complete)")
+    out: str = option("", "output dataset folder (required; replaced atomically when complete)")
     input: str | None = option(None, "input file (avqa, mmau, jsonl, csv) or dataset folder / parquet (hf)")
     audio_dir: str | None = option(None, "root of relative audio paths (default: the input's folder); audio may not escape it")
     audio_pattern: str = option("{video_name}.wav", "avqa: audio file name built from an item's fields")
@@ -50,6 +53,8 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     c = config
     if c.source not in SOURCES:
         raise UserError(f"unknown source {c.source!r}; choose one of {', '.join(SOURCES)}")
+    if not c.out:
+        raise UserError("prepare: `out` is required (the dataset folder to write: --out DIR or out=DIR)")
     if c.source == "synth":
         from audio_rft.data.synth import build_synth
 
@@ -59,7 +64,7 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     if c.source != "hf" and not Path(c.input).is_file():
         raise UserError(f"{c.input}: " + ("a folder, expected a file" if Path(c.input).is_dir() else "no such file"))
     if c.index_base not in (0, 1):
-        raise UserError(f"--index-base {c.index_base}: use 0 or 1")
+        raise UserError(f"index_base={c.index_base}: use 0 or 1")
     if c.source == "avqa":
         from audio_rft.data.avqa import build_avqa
 
@@ -178,24 +183,103 @@ def validate_dataset(folder: str | Path) -> list[str]:
 # ---------------------------------------------------------------- command line
 
 
-def _config_from_args(args: argparse.Namespace) -> PrepareConfig:
+_OUTPUT = ("Writes DIR/data.jsonl, DIR/audio/*.wav (16 kHz mono, cut to 30 s), DIR/manifest.json and "
+           "DIR/rejected.jsonl (every unusable input item, with where it was and why). Exit status: 0 when at "
+           "least one item was accepted, 1 with --strict when any was rejected, 2 for a usage error, an "
+           "unreadable input file, or nothing accepted.")
+_TABLE = ("input", "out", "audio_dir", "fields", "answer_index", "index_base", "task", "split", "name")
+# source -> (summary, what its INPUT is (None: it takes none), description, the keys it reads)
+SOURCE_HELP: dict[str, tuple[str, str | None, str, tuple[str, ...]]] = {
+    "synth": ("the built-in synthetic bench (nothing to download)", None,
+              "Generates audio questions answerable only by listening, as DIR/train and DIR/test.",
+              ("out", "train", "test", "seed")),
+    "avqa": ("AVQA (the paper's training set)", "AVQA train_qa.json or R1-AQA JSONL",
+             "INPUT is AVQA's own train_qa.json (a JSON list; audio found under audio_dir by audio_pattern) or "
+             "R1-AQA's JSONL (the same objects plus `audio_path`, used as given unless audio_dir is set). \"video\" "
+             "in questions becomes \"audio\"; task is sound; category/sub_category come from "
+             "question_type/question_relation; split is train, or val/test when the file name says so.",
+             ("input", "out", "audio_dir", "audio_pattern", "split")),
+    "mmau": ("MMAU benchmark JSON (e.g. mmau-test-mini.json)", "MMAU JSON list",
+             "Audio is found under audio_dir by each item's audio_id (./test-mini-audios/<id>.wav). Items whose "
+             "answer is withheld (the test split) are kept with answer null, for inference, and counted as "
+             "`unanswered` in the manifest. A choice listed twice is dropped (noted in the manifest).",
+             ("input", "out", "audio_dir")),
+    "jsonl": ("your own JSONL file", "JSONL file",
+              "INPUT holds one JSON object per line (a JSON list also works). Map its column names with --field; "
+              "the answer is a choice's text, or its position with answer_index. Items without an id get "
+              "<name>-<position>.", _TABLE),
+    "csv": ("your own CSV file", "CSV file",
+            "INPUT is a CSV file with a header line; choices as a JSON list or 'a|b|c'. Map its column names with "
+            "--field; the answer is a choice's text, or its position with answer_index. Items without an id get "
+            "<name>-<position>.", _TABLE + ("delimiter",)),
+    "hf": ("a Hugging Face dataset saved on disk, or parquet file(s)", "dataset folder or parquet file(s)",
+           "INPUT is a folder written by save_to_disk, a parquet file, or a folder of parquet files. The audio "
+           "column holds bytes, a path, or {\"bytes\": ..., \"path\": ...}; it is decoded here with soundfile, "
+           "never by datasets. Needs the `datasets` package (pip install 'audio-rft[hf]').", _TABLE + ("hf_split",)),
+}
+_RECIPE = "a YAML recipe (data_prep/*.yaml) naming the source and its options"
+_FIELD_HELP = ("read sample FIELD from input COLUMN (repeatable; one entry of `fields`); fields: id, audio, question, "
+               "choices, answer, task, category, sub_category, difficulty, split, reasoning; unmapped fields are "
+               "read from the column of the same name (MMAU's `sub-category` also works)")
+
+
+def _overview() -> str:
+    lines = ["usage: audio-rft prepare SOURCE [INPUT] [--config FILE] [--strict] [key=value | --key VALUE ...]",
+             "       audio-rft prepare recipe FILE [key=value ...]", "",
+             "Build a prepared dataset from one SOURCE.", "", "sources:"]
+    lines += [f"    {name:<8} {summary}" for name, (summary, *_) in SOURCE_HELP.items()]
+    lines += [f"    {'recipe':<8} {_RECIPE}", "", _OUTPUT, "",
+              "`audio-rft prepare SOURCE --help` lists each source's keys, with their defaults."]
+    return "\n".join(lines)
+
+
+def _parse(source: str, argv: list[str]) -> tuple[PrepareConfig, Any]:
+    """`prepare SOURCE [INPUT] [key=value | --key VALUE ...]`, or `prepare recipe FILE [key=value ...]`."""
+    from audio_rft.config import parse_command
     from audio_rft.data.generic import parse_fields
 
-    if args.source == "recipe":
-        config = load_config(PrepareConfig, args.recipe, args.overrides)
-        if config.fields:
-            config.fields = parse_fields(f"{k}={v}" for k, v in config.fields.items())
-        return config
-    config = PrepareConfig(source=args.source, out=args.out)
-    for key in config_to_dict(config):
-        if key not in ("source", "out", "fields") and getattr(args, key, None) is not None:
-            setattr(config, key, getattr(args, key))
-    config.fields = parse_fields(getattr(args, "field", None) or [])
-    return config
+    def flags(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--strict", action="store_true", help="exit with status 1 when any item was rejected")
+        if "fields" in keys:
+            parser.add_argument("--field", action="append", default=[], metavar="FIELD=COLUMN", help=_FIELD_HELP)
+
+    if source == "recipe":
+        keys = tuple(f.name for f in dataclasses.fields(PrepareConfig))
+        if argv and not argv[0].startswith("-"):
+            argv = ["--config", *argv]  # `recipe FILE` is `--config FILE`
+        config, args = parse_command(PrepareConfig, argv, "audio-rft prepare recipe", setup=flags,
+                                     usage="audio-rft prepare recipe FILE [key=value ...] [--strict]",
+                                     description=f"Prepare from {_RECIPE}, e.g. `audio-rft prepare recipe "
+                                                 f"data_prep/mmau-test-mini.yaml out=runs/mmau`.\n\n{_OUTPUT}")
+        if not args.config:
+            raise UserError("prepare recipe: which FILE?")
+    else:
+        summary, needs_input, description, keys = SOURCE_HELP[source]
+        config, args = parse_command(
+            PrepareConfig, argv, f"audio-rft prepare {source}", keys=keys, setup=flags,
+            positional="input" if needs_input else None,
+            usage=f"audio-rft prepare {source}{' INPUT' if needs_input else ''} [--config FILE] [--strict] "
+                  f"[key=value | --key VALUE ...]",
+            description=f"{summary}: {description}" + (f"\n\nINPUT: {needs_input}." if needs_input else "")
+                        + f"\n\n{_OUTPUT}\n\nout=DIR (or --out DIR), required: the dataset folder, written to a temporary "
+                          f"folder and renamed into place when complete; an existing one is replaced.")
+        given = [o.partition("=")[0].replace("-", "_") for o in args.overrides]
+        stray = [k for k in given if k not in keys]
+        if stray:
+            raise UserError(f"prepare {source}: {stray[0]!r} is not one of its keys ({', '.join(keys)})")
+        config.source = source
+    config.fields = parse_fields([f"{k}={v}" for k, v in config.fields.items()] + getattr(args, "field", []))
+    return config, args
 
 
-def _run_prepare(args: argparse.Namespace) -> int:
-    config = _config_from_args(args)
+def run_argv(argv: list[str]) -> int:
+    """`audio-rft prepare ...`: the sources' shared dialect (config.parse_command) over PrepareConfig."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_overview())
+        return 0 if argv else 2
+    if argv[0] not in (*SOURCE_HELP, "recipe"):
+        raise UserError(f"unknown source {argv[0]!r}; choose one of {', '.join(SOURCE_HELP)}, or recipe")
+    config, args = _parse(argv[0], argv[1:])
     summary = prepare(config)
     parts = summary.items() if config.source == "synth" else [(None, summary)]
     rejected = 0
@@ -203,7 +287,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
         print((f"{name}: " if name else "") + format_summary(part))
         rejected += part.get("rejected", 0)
     if args.strict and rejected:
-        print(f"audio-rft prepare: --strict: {rejected} items rejected (see rejected.jsonl)", file=sys.stderr)
+        logger.error("--strict: %d items rejected (see rejected.jsonl)", rejected)
         return 1
     return 0
 
@@ -213,114 +297,18 @@ def _run_validate(args: argparse.Namespace) -> int:
     for problem in problems:
         print(problem)
     if problems:
-        print(f"{args.folder}: {len(problems)} problems", file=sys.stderr)
+        logger.error("%s: %d problems", args.folder, len(problems))
         return 1
     print(f"{args.folder}: ok")
     return 0
 
 
-_HELP = argparse.RawDescriptionHelpFormatter
-
-
-def _source(sources: Any, name: str, summary: str, description: str, needs_input: str | None) -> argparse.ArgumentParser:
-    p = sources.add_parser(name, help=summary, description=summary + "\n\n" + description, formatter_class=_HELP)
-    if needs_input:
-        p.add_argument("input", metavar="INPUT", help=needs_input)
-    p.add_argument("--out", required=True, metavar="DIR", help="output dataset folder (written to a temporary "
-                   "folder, renamed into place when complete; an existing one is replaced)")
-    p.add_argument("--strict", action="store_true", help="exit with status 1 when any item was rejected")
-    p.set_defaults(func=_run_prepare, source=name)
-    return p
-
-
-def _audio_dir(p: argparse.ArgumentParser, default: str) -> None:
-    p.add_argument("--audio-dir", metavar="DIR", help=f"root of relative audio paths (default: {default}); "
-                   "audio resolving outside it (symlinks included) is rejected")
-
-
-def _mapping(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--field", action="append", metavar="FIELD=COLUMN",
-                   help="read sample FIELD from input COLUMN (repeatable); fields: id, audio, question, choices, "
-                        "answer, task, category, sub_category, difficulty, split, reasoning; unmapped fields are read "
-                        "from the column of the same name (MMAU's `sub-category` also works)")
-    p.add_argument("--answer-index", action="store_true", default=None,
-                   help="the answer column holds the position of the right choice, not its text")
-    p.add_argument("--index-base", type=int, choices=(0, 1), help="position of the first choice (default 0)")
-    p.add_argument("--task", help="task of items without one: sound, music, speech or other (default other)")
-    p.add_argument("--split", help="split label of items without one (default train)")
-    p.add_argument("--name", help="the samples' `source` label (default: the input's file name)")
-
-
-_OUTPUT = ("Writes DIR/data.jsonl, DIR/audio/*.wav (16 kHz mono, cut to 30 s), DIR/manifest.json and "
-           "DIR/rejected.jsonl (every unusable input item, with where it was and why). Exit status: 0 when at "
-           "least one item was accepted, 1 with --strict when any was rejected, 2 for a usage error, an "
-           "unreadable input file, or nothing accepted.")
-
-
 def add_parser(subparsers: Any, command: str) -> None:
-    if command == "validate":
-        p = subparsers.add_parser("validate", formatter_class=_HELP, description=(
-            "Re-check a prepared dataset folder: data.jsonl parses and follows the schema, ids are unique, every "
-            "audio file exists inside the folder and is 16 kHz mono of at most 30 s, and manifest.json's counts "
-            "and content hash match.\n\nExit status: 0 when clean, 1 when problems were found (each printed), 2 "
-            "when DIR is not a dataset folder."))
-        p.add_argument("folder", metavar="DIR", help="prepared dataset folder")
-        p.set_defaults(func=_run_validate)
-        return
-    p = subparsers.add_parser("prepare", formatter_class=_HELP, description=(
-        "Build a prepared dataset from one SOURCE.\n\n" + _OUTPUT + "\n\n`audio-rft prepare SOURCE --help` "
-        "explains each source's options."))
-    sources = p.add_subparsers(dest="source", metavar="SOURCE", required=True)
-
-    s = _source(sources, "synth", "the built-in synthetic bench (nothing to download)",
-                "Generates audio questions answerable only by listening, as DIR/train and DIR/test.", None)
-    s.add_argument("--train", type=int, default=2000, help="training items (default 2000)")
-    s.add_argument("--test", type=int, default=500, help="test items (default 500)")
-    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-
-    s = _source(sources, "avqa", "AVQA (the paper's training set)",
-                "INPUT is AVQA's own train_qa.json (a JSON list; audio found under --audio-dir by --audio-pattern) "
-                "or R1-AQA's JSONL (the same objects plus `audio_path`, used as given). \"video\" in questions "
-                "becomes \"audio\"; task is sound; category/sub_category come from question_type/question_relation."
-                "\n\n" + _OUTPUT, "AVQA train_qa.json or R1-AQA JSONL")
-    _audio_dir(s, "the input's folder; R1-AQA's absolute audio_path is trusted unless this is given")
-    s.add_argument("--audio-pattern", metavar="PATTERN", help="audio file name from an item's fields, relative to "
-                   "--audio-dir (default '{video_name}.wav'); used when an item has no audio_path")
-    s.add_argument("--split", help="split label (default: train, or val/test when the file name says so)")
-
-    s = _source(sources, "mmau", "MMAU benchmark JSON (e.g. mmau-test-mini.json)",
-                "Audio is found under --audio-dir by each item's audio_id (./test-mini-audios/<id>.wav). Items "
-                "whose answer is withheld (the test split) are kept with answer null, for inference, and counted "
-                "as `unanswered` in the manifest. A choice listed twice is dropped (noted in the manifest).\n\n"
-                + _OUTPUT, "MMAU JSON list")
-    _audio_dir(s, "the input's folder")
-
-    for fmt, what in (("jsonl", "one JSON object per line (a JSON list also works)"),
-                      ("csv", "a CSV file with a header line; choices as a JSON list or 'a|b|c'")):
-        s = _source(sources, fmt, f"your own {fmt.upper()} file",
-                    f"INPUT holds {what}. Map its column names with --field; the answer is a choice's text, or "
-                    f"its position with --answer-index. Items without an id get <name>-<position>.\n\n" + _OUTPUT,
-                    f"{fmt.upper()} file")
-        _audio_dir(s, "the input file's folder")
-        _mapping(s)
-        if fmt == "csv":
-            s.add_argument("--delimiter", help="field delimiter (default ',')")
-
-    s = _source(sources, "hf", "a Hugging Face dataset saved on disk, or parquet file(s)",
-                "INPUT is a folder written by save_to_disk, a parquet file, or a folder of parquet files. The audio "
-                "column holds bytes, a path, or {\"bytes\": ..., \"path\": ...}; it is decoded here with "
-                "soundfile, never by datasets. Needs the `datasets` package (pip install 'audio-rft[hf]').\n\n"
-                + _OUTPUT, "dataset folder or parquet file(s)")
-    _audio_dir(s, "the dataset's folder")
-    _mapping(s)
-    s.add_argument("--hf-split", help="which split of a saved DatasetDict to read (needed when it has several)")
-
-    s = sources.add_parser("recipe", help="a YAML recipe (data_prep/*.yaml) naming the source and its options",
-                           formatter_class=_HELP, epilog=config_help(PrepareConfig),
-                           description="Prepare from a YAML file of the keys below, e.g. "
-                                       "`audio-rft prepare recipe data_prep/mmau-test-mini.yaml out=runs/mmau`; "
-                                       "key=value arguments override the file.\n\n" + _OUTPUT)
-    s.add_argument("recipe", metavar="FILE", help="YAML recipe")
-    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override a key of the recipe")
-    s.add_argument("--strict", action="store_true", help="exit with status 1 when any item was rejected")
-    s.set_defaults(func=_run_prepare, source="recipe")
+    """`audio-rft validate DIR` (prepare parses its own arguments: run_argv)."""
+    p = subparsers.add_parser("validate", formatter_class=argparse.RawDescriptionHelpFormatter, description=(
+        "Re-check a prepared dataset folder: data.jsonl parses and follows the schema, ids are unique, every "
+        "audio file exists inside the folder and is 16 kHz mono of at most 30 s, and manifest.json's counts "
+        "and content hash match.\n\nExit status: 0 when clean, 1 when problems were found (each printed), 2 "
+        "when DIR is not a dataset folder."))
+    p.add_argument("folder", metavar="DIR", help="prepared dataset folder")
+    p.set_defaults(func=_run_validate)

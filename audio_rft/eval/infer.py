@@ -7,7 +7,6 @@ the sorted order, so a resumed run computes exactly what an uninterrupted one wo
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from audio_rft.config import config_to_dict, option
 from audio_rft.data.dataset import load_dataset
 from audio_rft.data.schema import Sample
 from audio_rft.fileio import atomic_write_json
-from audio_rft.prompts import PROMPT_MODES, check_mode
+from audio_rft.prompts import check_mode
 
 
 @dataclass
@@ -177,29 +176,12 @@ def reextract(out: str | Path, extract: str) -> bool:
     return True
 
 
-def add_parser(subparsers, command: str) -> None:
-    parser = subparsers.add_parser(
-        command, help="batched greedy inference", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Greedy answers for every item of a prepared dataset, written as MMAU predictions "
-                    "(model_output, model_prediction). Resumable: rerun the same command after a crash.")
-    parser.add_argument("--model", required=True, help="hub id or local model folder")
-    parser.add_argument("--adapter", help="PEFT adapter folder (a checkpoint of `audio-rft sft/grpo`)")
-    parser.add_argument("--data", required=True, help="prepared dataset folder")
-    parser.add_argument("--prompt", choices=PROMPT_MODES, default="answer", help="prompt mode")
-    parser.add_argument("--out", required=True, help="predictions JSON to write")
-    parser.add_argument("--extract", choices=list(EXTRACTORS), default="audio-rft",
-                        help="how model_prediction is read from the output: audio-rft (the last <answer>, think "
-                             "blocks dropped) or r1-aqa (R1-AQA's test script: the first <answer>, else the whole output)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--ablate-audio", action="store_true", help="silence in place of every clip (control)")
-    parser.add_argument("--limit", type=int, help="only the first N items")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
+def run_argv(argv: list[str]) -> int:
+    """`audio-rft infer [--config FILE] [key=value ...]` (or `--model M --data D --out PRED.json ...`)."""
+    from audio_rft.config import parse_command
 
-    def run(args: argparse.Namespace) -> int:
-        config = InferConfig(**{k: v for k, v in vars(args).items() if k in InferConfig.__dataclass_fields__})
-        print(run_inference(config))
-        return 0
-
-    parser.set_defaults(func=run)
+    config, _ = parse_command(InferConfig, argv, "audio-rft infer", description=(
+        "Greedy answers for every item of a prepared dataset, written as MMAU predictions (model_output, "
+        "model_prediction). Needs model, data and out. Resumable: rerun the same command after a crash."))
+    print(run_inference(config))
+    return 0

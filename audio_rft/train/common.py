@@ -9,11 +9,11 @@ checkpoint that looks whole, and resuming from it restores optimizer, scheduler,
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import re
 import shutil
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,10 +25,12 @@ import torch
 from tqdm import tqdm
 
 from audio_rft import UserError
-from audio_rft.config import config_help, config_to_dict, load_config, option
+from audio_rft.config import config_to_dict, option, parse_command
 from audio_rft.fileio import atomic_dir, atomic_write_json, sha256_file
 from audio_rft.train.engine import (Engine, Layout, build_engine, describe, master_dtype, process_layout,
                                     resolve_strategy)
+
+logger = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE.json"
 STATE_DIR = "training_state"
@@ -79,17 +81,12 @@ class TrainConfig:
 
 
 def parse_train_args(cls: type, argv: list[str], prog: str):
-    """`--config FILE [key=value ...]` (bare key=value works without a file); `--help` lists every key.
-    A run resumes from its newest complete checkpoint by itself; `--fresh` starts over."""
-    import argparse
+    """`--config FILE [key=value ...]`, as every command (config.parse_command). A run resumes from its newest
+    complete checkpoint by itself; `--fresh` starts over."""
+    def fresh(parser) -> None:
+        parser.add_argument("--fresh", action="store_true", help="ignore existing checkpoints in out/ and start over")
 
-    parser = argparse.ArgumentParser(prog=f"audio-rft {prog}", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=config_help(cls))
-    parser.add_argument("--config", help="YAML config file")
-    parser.add_argument("--fresh", action="store_true", help="ignore existing checkpoints in out/ and start over")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
-    return load_config(cls, args.config, args.overrides), args
+    return parse_command(cls, argv, f"audio-rft {prog}", setup=fresh)
 
 
 def seed_everything(seed: int) -> None:
@@ -142,8 +139,7 @@ def setup_model(config: TrainConfig, layout: Layout, strategy: str):
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     total, trainable = count_parameters(model)
-    if layout.main:
-        print(f"model: {total:,} parameters, {trainable:,} trainable ({'LoRA' if config.lora else 'full'})", file=sys.stderr)
+    logger.info("model: %s parameters, %s trainable (%s)", f"{total:,}", f"{trainable:,}", "LoRA" if config.lora else "full")
     return loaded.processor, model, compute
 
 
@@ -465,7 +461,7 @@ def draw_curves(out: Path) -> None:
     try:
         plot_training_curves(out)
     except Exception as e:  # noqa: BLE001 - matplotlib and font failures alike
-        print(f"curves.png not drawn: {e}", file=sys.stderr)
+        logger.warning("curves.png not drawn: %s", e)
 
 
 REPORTERS = {"tensorboard": ("tensorboard", "pip install 'audio-rft[tensorboard]'"), "wandb": ("wandb", "pip install wandb")}
@@ -497,12 +493,11 @@ def start_run(config: TrainConfig, fresh: bool, schedule_steps: int, desc: str, 
     if checkpoint is not None:
         engine.load_state(Path(checkpoint) / STATE_DIR)
         start = int(json.loads((Path(checkpoint) / STATE_DIR / "state.json").read_text())["step"])
-        if layout.main:
-            print(f"resuming from {checkpoint} (step {start})", file=sys.stderr)
+        logger.info("resuming from %s (step %d)", checkpoint, start)
     if layout.main:
         out.mkdir(parents=True, exist_ok=True)
-        if layout.world > 1 or strategy != "none":
-            print(f"engine: {describe(engine)}", file=sys.stderr)
+    if layout.world > 1 or strategy != "none":
+        logger.info("engine: %s", describe(engine))
     layout.barrier()
     log = MetricsLog(out, start, config) if layout.main else None
     bar = tqdm(total=config.max_steps, initial=start, desc=desc, unit="step", disable=not layout.main)

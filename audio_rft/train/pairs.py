@@ -17,7 +17,7 @@ manifest.json (counts, including every question that gave no pair and why).
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,6 +26,8 @@ import numpy as np
 
 from audio_rft import UserError
 from audio_rft.config import config_to_dict, option
+
+logger = logging.getLogger(__name__)
 
 SOURCES = ("samples", "choices")
 STOP = "<|im_end|>"
@@ -190,7 +192,7 @@ def build_pairs(config: PairsConfig) -> Path:
         for name, rows in (("pairs.jsonl", pairs), ("singles.jsonl", singles)):
             (tmp / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"pairs: {len(pairs)} from {len(everything)} questions; unpaired {dict(unpaired) or 0}", file=sys.stderr)
+    logger.info("pairs: %d from %d questions; unpaired %s", len(pairs), len(everything), dict(unpaired) or 0)
     return out
 
 
@@ -200,15 +202,9 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def run_argv(argv: list[str]) -> int:
     """`audio-rft pairs --config FILE [key=value ...]`."""
-    import argparse
+    from audio_rft.config import parse_command
 
-    from audio_rft.config import config_help, load_config
-
-    parser = argparse.ArgumentParser(prog="audio-rft pairs", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     description=__doc__.split("\n\n")[0], epilog=config_help(PairsConfig))
-    parser.add_argument("--config", help="YAML config file")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
-    print(build_pairs(load_config(PairsConfig, args.config, args.overrides)))
+    config, _ = parse_command(PairsConfig, argv, "audio-rft pairs", description=__doc__.split("\n\n")[0])
+    print(build_pairs(config))
     return 0
 
