@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import re
 import shutil
@@ -465,6 +466,12 @@ def draw_curves(out: Path) -> None:
 
 
 REPORTERS = {"tensorboard": ("tensorboard", "pip install 'audio-rft[tensorboard]'"), "wandb": ("wandb", "pip install wandb")}
+
+
+def print_result(final: Path) -> None:
+    """A training command's output, its final/ folder: once, from rank 0, however many processes ran."""
+    if os.environ.get("RANK", "0") == "0":
+        print(final)
 
 
 def check_report_to(report_to: list[str]) -> None:

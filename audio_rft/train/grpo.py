@@ -16,7 +16,7 @@ import torch
 
 from audio_rft import UserError
 from audio_rft.config import option
-from audio_rft.train.common import TrainConfig, oom_advice, parse_train_args, start_run
+from audio_rft.train.common import TrainConfig, oom_advice, parse_train_args, print_result, start_run
 
 LOSS_TYPES = ("sequence", "token", "constant")
 
@@ -248,5 +248,5 @@ def train_grpo(config: GRPOConfig, fresh: bool = False) -> Path:
 def run_argv(argv: list[str]) -> int:
     """`audio-rft grpo --config FILE [key=value ...]`."""
     config, flags = parse_train_args(GRPOConfig, argv, "grpo")
-    print(train_grpo(config, fresh=flags.fresh))
+    print_result(train_grpo(config, fresh=flags.fresh))
     return 0

@@ -24,7 +24,7 @@ import torch
 
 from audio_rft import UserError
 from audio_rft.config import option
-from audio_rft.train.common import TrainConfig, oom_advice, parse_train_args, start_run
+from audio_rft.train.common import TrainConfig, oom_advice, parse_train_args, print_result, start_run
 from audio_rft.train.preference_losses import (METHODS, dpo_loss, kto_loss, kto_reference_point, mean_token_nll,
                                                orpo_loss, sequence_logps)
 
@@ -186,5 +186,5 @@ def train_prefer(config: PreferConfig, fresh: bool = False) -> Path:
 def run_argv(argv: list[str]) -> int:
     """`audio-rft prefer --config FILE [key=value ...]`."""
     config, flags = parse_train_args(PreferConfig, argv, "prefer")
-    print(train_prefer(config, fresh=flags.fresh))
+    print_result(train_prefer(config, fresh=flags.fresh))
     return 0

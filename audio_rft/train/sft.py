@@ -16,7 +16,7 @@ import torch
 
 from audio_rft import UserError
 from audio_rft.config import option
-from audio_rft.train.common import TrainConfig, oom_advice, parse_train_args, start_run
+from audio_rft.train.common import TrainConfig, oom_advice, parse_train_args, print_result, start_run
 
 
 @dataclass
@@ -127,5 +127,5 @@ def train_sft(config: SFTConfig, fresh: bool = False) -> Path:
 def run_argv(argv: list[str]) -> int:
     """`audio-rft sft --config FILE [key=value ...]`."""
     config, flags = parse_train_args(SFTConfig, argv, "sft")
-    print(train_sft(config, fresh=flags.fresh))
+    print_result(train_sft(config, fresh=flags.fresh))
     return 0
