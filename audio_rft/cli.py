@@ -16,7 +16,7 @@ GLOBAL_FLAGS = ("--debug", "--quiet", "--verbose")  # taken wherever they stand,
 # command -> (its module, one-line summary). "module:function" names the entry that parses the command's own
 # arguments (`[--config FILE] [key=value ...]`, config.parse_command); a bare module defines add_parser.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("audio_rft.pipeline", "run a pipeline YAML (default: pipelines/demo.yaml): dataset in, checkpoint and report out"),
+    "run": ("audio_rft.runner", "run a pipeline YAML (default: pipelines/demo.yaml): dataset in, checkpoint and report out"),
     "prepare": ("audio_rft.data.prepare:run_argv", "build a prepared dataset (synth, avqa, mmau, jsonl, csv, hf)"),
     "validate": ("audio_rft.data.prepare", "re-check a prepared dataset folder"),
     "tiny-model": ("audio_rft.model", "build an offline tiny Qwen2-Audio preset (tiny or bench)"),

@@ -1,5 +1,8 @@
 """`audio-rft plan`: estimate per-GPU memory of one GRPO or SFT step before renting the GPU.
 
+It stays one module (over 500 lines) because its memory terms must be read together: one formula per term,
+each checked against the code it models, and the shapes, the estimate and its table share them.
+
 The estimate adds up what our own loop holds (audio_rft.train.grpo / sft, audio_rft.rollout, and the
 strategy's engine, audio_rft.train.engine), term by term, so each line of the table can be checked
 against the code. Static terms, by strategy (N GPUs; "/N": each GPU holds its shard):

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from audio_rft import UserError
-from audio_rft.pipeline import load_pipeline, run_pipeline
+from audio_rft.pipeline import load_pipeline
+from audio_rft.runner import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "pipelines" / "smoke.yaml"

@@ -6,6 +6,9 @@ carries a 95% bootstrap interval, every pair of variants gets a paired test on t
 raw accuracy sit balanced accuracy, the answer distribution, format compliance and completion length. Each
 variant is also scored on its raw output, as MMAU's official script does, and the report says where and why
 that differs (think prompts); the pipeline adds each trained variant's training curves.
+
+It stays one module (over 500 lines) because its statistics, rendering and charts are one report: the
+renderers and charts read exactly the dict build_report makes, so a key changed in one part is seen in the others.
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@ A checkpoint is what Hugging Face tools load (a PEFT adapter or full weights, pl
 model card) with the training state beside it. It is written to a temporary folder and renamed into
 place after a `COMPLETE` marker listing every file's checksum, so a crash mid-save never leaves a
 checkpoint that looks whole, and resuming from it restores optimizer, scheduler, RNG and step exactly.
+
+It stays one module (over 500 lines) because it is the one skeleton every trainer follows (config, setup,
+checkpoints, metrics, guards, Run): a trainer's author reads it top to bottom as the contract sft.py,
+grpo.py and prefer.py rely on.
 """
 
 from __future__ import annotations
