@@ -38,8 +38,9 @@ class OursStep:
         batch = encode_prompts(self.processor, [sample], [wave], "answer").to(engine.layout.device)
         core.eval()
         # stop_tokens=[]: every completion runs to L tokens, as the baseline's min_new_tokens=L makes its own
-        ids, mask = engine.run(draw, self.processor, batch, G, L, 1.0, 1.0, prompt_generators(self.seed, step, [0]),
-                               engine.all_done, stop_tokens=[])
+        with engine.gathered():
+            ids, mask = engine.run(draw, self.processor, batch, G, L, 1.0, 1.0, prompt_generators(self.seed, step, [0]),
+                                   engine.all_done, stop_tokens=[])
         texts = decode(self.processor, ids, mask)
         parts = score_completions(texts, [sample] * G, self.reward_fns)
         reward = sum(self.weights[name] * value for name, value in parts.items())

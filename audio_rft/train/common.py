@@ -358,8 +358,9 @@ def held_out_accuracy(engine: Engine, processor, config: TrainConfig) -> dict[st
 
     mode = "answer" if config.prompt_mode == "mixed" else config.prompt_mode
     samples = [s for s in load_dataset(config.eval_data, limit=config.eval_limit) if s.answer is not None]
-    outputs = engine.run(predict, processor, config.eval_data, samples, mode, config.eval_batch_size,
-                         max_new_tokens=64 if mode == "think" else 16)
+    with engine.gathered():
+        outputs = engine.run(predict, processor, config.eval_data, samples, mode, config.eval_batch_size,
+                             max_new_tokens=64 if mode == "think" else 16)
     exact = [is_correct(extract_answer(t), s.answer, s.choices, "exact") for (t, _), s in zip(outputs, samples)]
     mmau = [is_correct(extract_answer(t), s.answer, s.choices, "mmau") for (t, _), s in zip(outputs, samples)]
     fmt = [follows_format(t, mode) for t, _ in outputs]

@@ -29,7 +29,7 @@ import json
 import os
 import random
 import types
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -210,6 +210,30 @@ class Engine:
             if self.strategy == "fsdp":
                 return getattr(self.reference, PASS_METHOD)(fn, *args, **kwargs)
             return fn(self.reference, *args, **kwargs)
+
+    @contextmanager
+    def gathered(self):
+        """Sampling under fsdp: each unit gathered once and kept for the whole decode loop, then resharded.
+        Otherwise every decode step would all-gather every layer again (measured on 2 CPU processes: 41 s
+        per GRPO step at the bench shapes against 6 s under ddp). It holds the whole model in the compute
+        dtype while sampling, as DDP always does (`audio-rft plan` counts it)."""
+        if self.strategy != "fsdp":
+            yield
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        models = [self.core] + ([self.reference] if self.reference is not None else [])
+        for model in models:
+            model.set_reshard_after_forward(False)
+        try:
+            yield
+        finally:
+            for model in models:
+                model.set_reshard_after_forward(True)
+                model.set_reshard_after_forward(False, recurse=False)  # the root keeps FSDP2's default
+                for unit in model.modules():
+                    if isinstance(unit, FSDPModule):
+                        unit.reshard()
 
     def all_done(self, done: bool) -> bool:
         """Whether every rank is done (sampling under sharding must run the same number of steps everywhere)."""

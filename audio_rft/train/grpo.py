@@ -164,8 +164,10 @@ def train_grpo(config: GRPOConfig, fresh: bool = False) -> Path:
                                        config.prompt_mode, config.max_prompt_tokens).to(layout.device)
                 core.eval()  # no dropout while sampling
                 batch = engine.run(with_audio_encoded, batch)  # a frozen encoder runs once for all passes below
-                ids, mask = engine.run(sample, processor, batch, G, config.max_completion_length, config.temperature,
-                                       config.top_p, prompt_generators(config.seed, step, idx), engine.all_done)
+                with engine.gathered():
+                    ids, mask = engine.run(sample, processor, batch, G, config.max_completion_length,
+                                           config.temperature, config.top_p, prompt_generators(config.seed, step, idx),
+                                           engine.all_done)
                 texts = decode(processor, ids, mask)
                 group_samples = [s for s in batch_samples for _ in range(G)]
                 parts = score_completions(texts, group_samples, reward_fns)
