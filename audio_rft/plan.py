@@ -370,7 +370,8 @@ def estimate(kind: str, config, shapes: dict, prompt_tokens: int = 830, device: 
             "kv_cache": B * G * (P + L) * kv_width * w * layers + B * G * (P + L) * kv_width * w,  # + one layer's cat copy
             "prefill_transient": B * P * (per_layer * w + (heads * P * w if attention_probs else 0)) + audio_transient,
             "sampling_logits": 4 * B * G * V * 4,
-            **per_pass,
+            # fsdp gathers the whole model once for the decode loop (engine.Engine.gathered)
+            **({"gathered_for_sampling": counts["total"] * w} if strategy == "fsdp" else per_pass),
         }
         reference = {
             "kv_cache": B * G * (P + L) * kv_width * w * layers,
