@@ -399,10 +399,6 @@ def estimate_grpo(config, shapes: dict, prompt_tokens: int = 830, device: str = 
     return estimate("grpo", config, shapes, prompt_tokens, device)
 
 
-def estimate_sft(config, shapes: dict, prompt_tokens: int = 830, device: str = "cuda") -> dict:
-    return estimate("sft", config, shapes, prompt_tokens, device)
-
-
 def verdict(total_bytes: int, gpu_gb: float) -> str:
     capacity = gpu_gb * GIB
     if total_bytes <= capacity * (1 - HEADROOM):
