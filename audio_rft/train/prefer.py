@@ -47,18 +47,11 @@ class PreferConfig(TrainConfig):
 
 def completion_batch(processor, texts: list[str], stopped: list[bool], limit: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded completion ids and mask; a completion that stopped gets its stop token back."""
-    tokenizer = processor.tokenizer
+    from audio_rft.train.sft import right_padded
+
     # An empty completion that did not stop has no token to score: it is scored as stopping at once.
-    rows = [tokenizer(text + (STOP if stop or not text else ""), add_special_tokens=False)["input_ids"]
-            for text, stop in zip(texts, stopped)]
-    longest = max(map(len, rows))
-    if longest > limit:
-        raise UserError(f"a completion has {longest} tokens, over max_completion_tokens={limit}")
-    ids = torch.full((len(rows), longest), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
-    return ids, mask
+    texts = [text + (STOP if stop or not text else "") for text, stop in zip(texts, stopped)]
+    return right_padded(processor.tokenizer, texts, limit, "a completion", "max_completion_tokens")
 
 
 def prefer_inputs(processor, folder: str, by_id: dict, items: list[dict], method: str, config: PreferConfig, device):

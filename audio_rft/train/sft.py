@@ -40,12 +40,16 @@ def target_batch(processor, samples, modes: str | list[str], limit: int) -> tupl
     from audio_rft.prompts import target_text
 
     modes = [modes] * len(samples) if isinstance(modes, str) else modes
-    tokenizer = processor.tokenizer
-    rows = [tokenizer(target_text(s, m) + "<|im_end|>", add_special_tokens=False)["input_ids"]
-            for s, m in zip(samples, modes)]
+    texts = [target_text(s, m) + "<|im_end|>" for s, m in zip(samples, modes)]
+    return right_padded(processor.tokenizer, texts, limit, "a target", "max_target_tokens")
+
+
+def right_padded(tokenizer, texts: list[str], limit: int, what: str, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of `texts`, right-padded, and their mask; a text over `limit` tokens is refused, not cut."""
+    rows = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     longest = max(map(len, rows))
     if longest > limit:
-        raise UserError(f"a target has {longest} tokens, over max_target_tokens={limit}")
+        raise UserError(f"{what} has {longest} tokens, over {key}={limit}")
     ids = torch.full((len(rows), longest), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, row in enumerate(rows):
