@@ -70,8 +70,9 @@ class TrainConfig:
     device: str = option("auto", "auto, cpu, cuda")
     gradient_checkpointing: bool = option(False, "recompute each layer's activations in backward (GPU memory saver; "
                                                  "each prompt is still prefilled once for all its completions)")
-    strategy: str = option("auto", "auto (ddp when several processes run, else none), none, ddp, fsdp "
-                                   "(PyTorch FSDP2: weights, gradients and optimizer state sharded), deepspeed")
+    strategy: str = option("auto", "auto (the accelerate launch config's FSDP or DEEPSPEED type, else ddp when "
+                                   "several processes run, else none), none, ddp, fsdp (PyTorch FSDP2: weights, "
+                                   "gradients and optimizer state sharded), deepspeed (ZeRO, `audio-rft[deepspeed]`)")
     zero_stage: int = option(3, "DeepSpeed ZeRO stage for strategy=deepspeed: 2 (optimizer state and gradients "
                                 "sharded) or 3 (weights too)")
     save_every: int = option(100, "checkpoint every N steps (0: only at the end)")
