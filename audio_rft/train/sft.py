@@ -57,11 +57,6 @@ def right_padded(tokenizer, texts: list[str], limit: int, what: str, key: str) -
     return ids, mask
 
 
-def target_tokens(processor, samples, config: SFTConfig) -> int:
-    """How many target tokens (the loss's denominator) a micro-batch has."""
-    return int(target_batch(processor, samples, sample_modes(samples, config.prompt_mode), config.max_target_tokens)[1].sum())
-
-
 def sft_inputs(processor, folder: str, samples, config: SFTConfig, device) -> tuple:
     """The prompt batch and the target ids and mask of a micro-batch (tokenizing and featurizing: no model)."""
     from audio_rft.rollout import encode_prompts, load_waveforms
@@ -105,14 +100,13 @@ def train_sft(config: SFTConfig, fresh: bool = False) -> Path:
     for step in range(run.start, config.max_steps):
         step_began, loss_sum, token_count = time.perf_counter(), 0.0, 0
         try:
-            micro_batches = [[samples[i] for i in run.indices(len(samples), step, micro)]
-                             for micro in range(config.grad_accum)]
+            micro_inputs = [sft_inputs(run.processor, config.data, [samples[i] for i in run.indices(len(samples), step, micro)],
+                                       config, run.layout.device) for micro in range(config.grad_accum)]
             # The loss is the mean over every target token of the step, on all ranks and micro-batches
             # together, so the gradient does not depend on how the batch is split (the engine averages ranks).
-            step_tokens = sum(run.layout.gather_objects(sum(target_tokens(run.processor, b, config) for b in micro_batches)))
-            for micro, batch_samples in enumerate(micro_batches):
+            step_tokens = sum(run.layout.gather_objects(sum(int(mask.sum()) for _, _, mask in micro_inputs)))
+            for micro, inputs in enumerate(micro_inputs):
                 engine.sync_gradients(micro == config.grad_accum - 1)
-                inputs = sft_inputs(run.processor, config.data, batch_samples, config, run.layout.device)
                 loss, tokens = engine.run(sft_nll, *inputs)
                 share = tokens * run.layout.world / step_tokens
                 engine.backward(loss * share)
