@@ -356,8 +356,9 @@ def estimate(kind: str, config, shapes: dict, prompt_tokens: int = 830, device: 
             train["attention_scores"] = layers * B * heads * (P * P + G * L * (P + L)) * w
     completion = B * G * L
     chunk = min(completion, LOGPROB_CHUNK, max(1, LOGPROB_CHUNK_ELEMENTS // V))
-    # each chunk of logits is recomputed in backward (rollout.token_logprobs): one chunk's fp32 logits, its
-    # log-softmax and gradient are alive at a time, never all the completion's
+    # rollout.token_logprobs keeps no logits for backward: a trained head recomputes each chunk there, a frozen
+    # one takes the chunk's gradient in the forward; either way one chunk's fp32 logits, its log-softmax and
+    # gradient (at most) are alive at a time, never all the completion's
     train["logits"] = 3 * chunk * V * 4
     train["hidden_states"] = 3 * B * G * (P + L) * h * w  # embeddings, final norm, gathered hidden for the head
     train.update(per_pass)

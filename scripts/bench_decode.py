@@ -3,7 +3,7 @@
 
 - decode: ms per token of rollout.sample for G completions of one 30 s prompt (stop tokens suppressed, so
   every run decodes exactly L tokens), next to what one step's parts cost alone: the head's matrix
-  product for G rows, the per-prompt Gumbel noise, and one language-model decode forward;
+  product for G rows, the per-prompt draw (inverse CDF), and one language-model decode forward;
 - log-probs: seconds of completion_logprobs over the G x L completion tokens without gradients (the
   reference and old passes) and with forward + backward through LoRA (the policy pass), and the peak RSS.
 
@@ -71,11 +71,12 @@ def main() -> int:
     rows.append(("decode: rollout.sample, per token", (full - one) / max(L - 1, 1) * 1e3, "ms"))
     hidden = torch.randn(G, core.lm_head.in_features)
     with torch.no_grad():
-        rows.append(("  head matmul alone (G rows)", timed(lambda: core.lm_head(hidden), 10) * 1e3, "ms"))
+        rows.append(("  head alone (G rows, rollout.head_logits)", timed(
+            lambda: rollout.head_logits(core.lm_head, hidden), 10) * 1e3, "ms"))
         V = core.lm_head.out_features
-        rows.append(("  Gumbel noise alone (G x V)", timed(
-            lambda: torch.rand((G, V), generator=torch.Generator().manual_seed(0)).log_().neg_().log_().neg_(), 10)
-            * 1e3, "ms"))
+        logits = torch.randn(G, V)
+        draw_token = rollout._InverseCDF(G, [torch.Generator().manual_seed(0)], "cpu")
+        rows.append(("  draw alone (G x V, inverse CDF)", timed(lambda: draw_token(logits.clone()), 10) * 1e3, "ms"))
         _, cache = rollout.prefill(core, rollout.prompt_embeddings(core, batch), batch.attention_mask, G)
         mask = batch.attention_mask.repeat_interleave(G, 0)
         step_mask = torch.cat([mask, mask.new_ones(G, 1)], 1)

@@ -101,3 +101,79 @@ def test_no_grad_saves_nothing_and_skips_checkpointing(monkeypatch):
     with torch.no_grad():
         size, out = largest_saved(lambda: token_logprobs(head, hidden, ids, 8))
     assert size == 0 and not out.requires_grad
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("chunk", [5, 4096])
+def test_frozen_head_takes_its_gradient_in_the_forward(temperature, chunk, monkeypatch):
+    """LoRA's case: the head is frozen, so the gradient with respect to the hidden rows is computed where the
+    softmax is at hand; it equals autograd's, and backward neither recomputes nor calls the head."""
+    from audio_rft import rollout
+
+    head, hidden, ids, weights = setup(5)
+    head.requires_grad_(False)
+
+    def hidden_grad(fn):
+        hidden.grad = None
+        values = fn()
+        (values * weights).sum().backward()
+        return values.detach(), hidden.grad.clone()
+
+    expected = hidden_grad(lambda: plain(head, hidden, ids, temperature))
+    monkeypatch.setattr(rollout, "checkpoint", lambda *a, **k: pytest.fail("a frozen head was checkpointed"))
+    calls = []
+    hook = head.register_forward_pre_hook(lambda *_: calls.append("head"))
+    size, _ = largest_saved(lambda: token_logprobs(head, hidden, ids, chunk, temperature))
+    got = hidden_grad(lambda: token_logprobs(head, hidden, ids, chunk, temperature))
+    hook.remove()
+    for name, a, b in zip(("values", "hidden grad"), got, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+    assert size <= N * H  # an (N, H) direction per row, no V-wide tensor
+    with torch.no_grad():  # the reference pass: values only
+        torch.testing.assert_close(token_logprobs(head, hidden, ids, chunk, temperature), expected[0],
+                                   atol=1e-5, rtol=1e-5)
+    assert calls == []  # the weight is used directly, so no module call runs in forward or backward
+
+
+def test_frozen_head_behind_a_wrapper_keeps_the_module_call():
+    """A head whose weight is not all here (a sharded or wrapped head) goes through its own forward."""
+    head, hidden, ids, weights = setup(6)
+    head.requires_grad_(False)
+    wrapped = torch.nn.Sequential(head)
+    expected = plain(head, hidden, ids, 1.0)
+    got = token_logprobs(wrapped, hidden, ids, 8)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    (got * weights).sum().backward()
+    assert hidden.grad is not None
+
+
+@pytest.mark.parametrize("block", [1024, 3, 2])  # one padded block; blocks of 3 and 2 (a whole block at −inf)
+def test_inverse_cdf_draws_follow_the_softmax_and_never_a_banned_token(block, monkeypatch):
+    """The sampler's draw, many times over a fixed row: frequencies within 4 standard errors of softmax(z);
+    a token at −inf (suppressed) is never drawn, even beside a token of near-zero probability."""
+    from audio_rft.rollout import _InverseCDF
+
+    monkeypatch.setattr(_InverseCDF, "BLOCK", block)
+    z = torch.tensor([2.0, 0.0, -1.0, float("-inf"), 1.0, -30.0, float("-inf"), float("-inf"), 0.5])
+    expected = torch.softmax(z, -1)
+    group, draws = 4, 5000
+    sampler = _InverseCDF(group, [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)], "cpu")
+    counts = torch.zeros_like(z)
+    for _ in range(draws):
+        tokens = sampler(z.repeat(2 * group, 1))
+        counts += torch.bincount(tokens, minlength=z.numel()).float()
+    n = draws * 2 * group
+    frequency = counts / n
+    assert counts[3] == 0 and counts[6] == 0 and counts[7] == 0
+    error = (expected * (1 - expected) / n).sqrt()
+    assert ((frequency - expected).abs() <= 4 * error + 1e-6).all(), (frequency, expected)
+
+
+def test_inverse_cdf_rows_of_a_prompt_depend_only_on_its_generator():
+    from audio_rft.rollout import _InverseCDF
+
+    z = torch.randn(3, 50, generator=torch.Generator().manual_seed(2))
+    alone = _InverseCDF(3, [torch.Generator().manual_seed(7)], "cpu")(z.clone())
+    beside = _InverseCDF(3, [torch.Generator().manual_seed(9), torch.Generator().manual_seed(7)], "cpu")(
+        torch.cat([torch.randn(3, 50), z]))
+    assert torch.equal(alone, beside[3:])

@@ -530,7 +530,8 @@ def test_stop_tokens_default_to_the_model_s_and_an_empty_list_runs_to_max_new_to
         return sample(core, processor, batch, 4, 10, temperature=1.0,
                       generators=[torch.Generator().manual_seed(i) for i in range(len(batch))], **kw)
 
-    with boosted_head(core, {im_end: 3.0}):
+    # +5 makes <|im_end|> about 14% likely per token: some of the 120 draws stop early, whatever the seeds
+    with boosted_head(core, {im_end: 5.0}):
         default, explicit, fixed = draw(), draw(stop_tokens=stop_ids(core, processor)), draw(stop_tokens=[])
     assert all(torch.equal(a, b) for a, b in zip(default, explicit))
     assert default[1].sum() < default[1].numel()  # some completions stopped early by default
