@@ -167,7 +167,7 @@ def sample(core, processor, batch: PromptBatch, num_generations: int = 1, max_ne
 
     Each step costs little beyond the model's own forward and head: the attention mask, the KV cache
     (see GrowInPlace) and the output buffers are allocated once, and the V-wide work per row is one
-    exp and one cumulative sum, done in place.
+    exp, done in place, and one sum (see _InverseCDF).
     """
     device = batch.input_ids.device
     eos = torch.tensor(stop_ids(core, processor) if stop_tokens is None else stop_tokens, dtype=torch.long,
