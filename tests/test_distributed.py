@@ -122,7 +122,6 @@ def test_two_processes_match_one_on_the_same_global_batch(runs, strategy, case):
     assert_same_weights_but_adam_noise(final_weights(one), final_weights(two), lr=CASES[case][3].get("lr", 1e-3))
 
 
-
 def test_the_runs_compared_really_trained(runs, tiny_model):
     from safetensors.torch import load_file
 
