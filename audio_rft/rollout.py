@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from audio_rft.compat import (CacheLayer, audio_output_lengths, bidirectional_mask, lm_forward, output_cache,
                               prompt_cache, repeat_cache)
@@ -183,13 +184,14 @@ def sample(core, processor, batch: PromptBatch, num_generations: int = 1, max_ne
     mask = torch.cat([prompt_mask, prompt_mask.new_ones(rows, max_new_tokens)], dim=1)  # step t reads mask[:, :P + t + 1]
     position = prompt_mask.sum(-1, keepdim=True)
     embed, head, lm = core.get_input_embeddings(), core.lm_head, core.model.language_model
+    head_weight = decode_weight(head)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
     alive = torch.zeros((rows, max_new_tokens), dtype=torch.long, device=device)
     draw = _InverseCDF(num_generations, generators, device) if temperature > 0 else None
     steps = 0
     for t in range(max_new_tokens):
-        logits = head_logits(head, hidden)
+        logits = head_logits(head, head_weight, hidden)
         logits.index_fill_(-1, banned, float("-inf"))
         if draw is None:
             token = logits.argmax(-1)
@@ -214,17 +216,22 @@ def sample(core, processor, batch: PromptBatch, num_generations: int = 1, max_ne
     return tokens[:, :steps], alive[:, :steps]
 
 
-def head_logits(head, hidden: torch.Tensor) -> torch.Tensor:
+def head_logits(head, weight: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
     """float32 logits of a few rows (one decode step): (rows, V), a fresh tensor the caller may change in place.
 
-    A plain head computes W·hᵀ rather than h·Wᵀ: the same numbers to float rounding, but the CPU's BLAS
-    streams the (V, H) weight twice as fast as the left operand (measured at Qwen2-Audio's vocabulary, 8
-    rows: 41 → 18 ms); a wrapped or sharded head goes through its own forward.
+    A plain head's weight, from decode_weight, goes through frozen_linear; a wrapped or sharded head (weight
+    None) through its own forward.
     """
-    weight = _plain_weight(head)
     if weight is None:
         return head(hidden).float()
-    return (weight @ hidden.t()).t().float().contiguous()
+    return frozen_linear(hidden, weight).float()
+
+
+def decode_weight(head) -> torch.Tensor | None:
+    """The plain head's weight as a frozen tensor for one decode loop (the weight cannot change during it): a
+    frozen weight itself, whose packed copy then serves every loop, or a training weight's detached alias."""
+    weight = _plain_weight(head)
+    return weight.detach() if weight is not None and weight.requires_grad else weight
 
 
 class _InverseCDF:
@@ -402,7 +409,7 @@ def _frozen_chunk_logprobs(weight: torch.Tensor, hidden: torch.Tensor, ids: torc
                            direction: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A frozen head's log-probs at `ids`, and with `direction` their gradient with respect to `hidden`
     (FrozenHeadLogprobs' equation), from one V-wide buffer."""
-    logits = F.linear(hidden, weight).float()
+    logits = frozen_linear(hidden, weight).float()
     if temperature != 1.0:
         logits = logits.div_(temperature)
     chosen = logits.gather(-1, ids[:, None]).squeeze(-1)
@@ -418,7 +425,7 @@ def _frozen_chunk_logprobs(weight: torch.Tensor, hidden: torch.Tensor, ids: torc
     # keeps a confident token's small gradient exact (W_id − Σ p_v W_v would cancel two nearly equal rows)
     probs = weights.div_(total)
     probs[torch.arange(ids.numel(), device=ids.device), ids] -= 1.0
-    direction = (probs.to(weight.dtype) @ weight).float().div_(-temperature)
+    direction = frozen_linear(probs.to(weight.dtype), weight, transposed=True).float().div_(-temperature)
     return values, direction.to(hidden.dtype)
 
 
@@ -443,6 +450,38 @@ class FrozenHeadLogprobs(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (direction,) = ctx.saved_tensors
         return None, grad[:, None].to(direction.dtype) * direction, None, None
+
+
+_PACKED: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # weight -> {transposed: (version key, packed copy)}
+
+
+def frozen_linear(x: torch.Tensor, weight: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """x·Wᵀ, or x·W with `transposed`, for a weight that does not train (requires_grad False).
+
+    On CPU in float32 this goes through oneDNN's prepacked matrix product (what torch.compile emits for a
+    CPU linear), faster than MKL's at a head's shapes (docs/performance.md), for one more copy of the
+    weight (two with the transposed). The packed copy is made on first use and lives as long as the weight
+    object; it is remade if the weight's storage or version counter moves (a checkpoint load copies in
+    place). A weight that trains is never packed here: an engine may write its updates without moving the
+    counter (DeepSpeed copies into a flat buffer the parameter views), so a caller that holds a training
+    weight still for a while (a decode loop) passes a detached alias, whose pack dies with it. Each row's
+    result does not depend on how many rows share the call (tests/test_logprobs.py). Elsewhere it is the
+    plain product.
+    """
+    if weight.requires_grad or not (_ONEDNN and x.device.type == "cpu" and x.dim() == 2
+                                    and x.dtype == weight.dtype == torch.float32):
+        return x @ weight if transposed else F.linear(x, weight)
+    key = (weight.data_ptr(), weight._version, tuple(weight.shape))
+    packs = _PACKED.setdefault(weight, {})
+    if transposed not in packs or packs[transposed][0] != key:
+        with torch.no_grad():
+            source = weight.detach().t().contiguous() if transposed else weight.detach()
+            packs[transposed] = (key, torch.ops.mkldnn._reorder_linear_weight(source, None))
+    return torch.ops.mkldnn._linear_pointwise(x, packs[transposed][1], None, "none", [], "")
+
+
+_ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+           and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 def _plain_weight(head) -> torch.Tensor | None:

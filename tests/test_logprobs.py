@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -177,3 +179,46 @@ def test_inverse_cdf_rows_of_a_prompt_depend_only_on_its_generator():
     beside = _InverseCDF(3, [torch.Generator().manual_seed(9), torch.Generator().manual_seed(7)], "cpu")(
         torch.cat([torch.randn(3, 50), z]))
     assert torch.equal(alone, beside[3:])
+
+
+def test_frozen_linear_matches_the_plain_product_whatever_the_row_count():
+    """The decode head and the frozen log-prob path go through frozen_linear: its numbers are the plain product's,
+    and a row's logits are bit for bit the same whether it is computed alone or among others (completions must
+    not depend on how prompts share a batch)."""
+    from audio_rft.rollout import frozen_linear
+
+    generator = torch.Generator().manual_seed(7)
+    weight = torch.randn(V, H, generator=generator)
+    x = torch.randn(N, H, generator=generator)
+    probs = torch.randn(N, V, generator=generator).softmax(-1)
+    torch.testing.assert_close(frozen_linear(x, weight), x @ weight.t(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(frozen_linear(probs, weight, transposed=True), probs @ weight, atol=1e-5, rtol=1e-5)
+    together = frozen_linear(x, weight)
+    for rows in (1, 2, 8, N - 1):
+        assert torch.equal(frozen_linear(x[:rows], weight), together[:rows]), rows
+    assert torch.equal(frozen_linear(x, weight), together)  # and the same on every call
+
+
+def test_frozen_linear_follows_a_changed_weight_and_never_packs_a_training_one():
+    from audio_rft import rollout
+
+    generator = torch.Generator().manual_seed(8)
+    weight = torch.randn(V, H, generator=generator)
+    x = torch.randn(4, H, generator=generator)
+    rollout.frozen_linear(x, weight)
+    with torch.no_grad():
+        weight.copy_(torch.randn(V, H, generator=generator))  # a checkpoint load writes in place
+    torch.testing.assert_close(rollout.frozen_linear(x, weight), x @ weight.t(), atol=1e-5, rtol=1e-5)
+
+    trained = torch.nn.Parameter(torch.randn(V, H, generator=generator))
+    before = len(rollout._PACKED)
+    rollout.frozen_linear(x, trained)
+    assert len(rollout._PACKED) == before  # an engine may update it without moving its version counter
+    alias = rollout.decode_weight(torch.nn.Linear(H, V, bias=False))
+    assert not alias.requires_grad
+    torch.testing.assert_close(rollout.frozen_linear(x, alias), x @ alias.t(), atol=1e-5, rtol=1e-5)
+    if rollout._ONEDNN:
+        assert len(rollout._PACKED) == before + 1  # packed for the decode loop that holds the alias...
+    del alias
+    gc.collect()
+    assert len(rollout._PACKED) == before  # ...and gone with it
