@@ -133,7 +133,8 @@ def run_inference(config: InferConfig) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         partial.write_text(json.dumps({"meta": meta}) + "\n", encoding="utf-8")
     loaded = load_model(config.model, config.adapter, config.dtype, config.device)
-    core = core_model(loaded.model).eval()
+    # inference only: frozen weights let the decode head keep one packed copy for the whole run (frozen_linear)
+    core = core_model(loaded.model).eval().requires_grad_(False)
     batches = batch_order(folder, samples, config.batch_size)
     started, new_items = time.perf_counter(), 0
     bar = tqdm(total=len(samples), initial=len(done), unit="item", desc=f"infer {config.prompt}")
