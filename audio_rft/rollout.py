@@ -462,11 +462,11 @@ def frozen_linear(x: torch.Tensor, weight: torch.Tensor, transposed: bool = Fals
     CPU linear), faster than MKL's at a head's shapes (docs/performance.md), for one more copy of the
     weight (two with the transposed). The packed copy is made on first use and lives as long as the weight
     object; it is remade if the weight's storage or version counter moves (a checkpoint load copies in
-    place). A weight that trains is never packed here: an engine may write its updates without moving the
-    counter (DeepSpeed copies into a flat buffer the parameter views), so a caller that holds a training
-    weight still for a while (a decode loop) passes a detached alias, whose pack dies with it. Each row's
-    result does not depend on how many rows share the call (tests/test_logprobs.py). Elsewhere it is the
-    plain product.
+    place). A weight that trains is never packed here: an engine may write its updates without moving
+    either (under DeepSpeed ZeRO-2 a cached pack went stale, tests/test_distributed.py), so a caller that
+    holds a training weight still for a while (a decode loop) passes a detached alias, whose pack dies with
+    it. Each row's result does not depend on how many rows share the call (tests/test_logprobs.py).
+    Elsewhere it is the plain product.
     """
     if weight.requires_grad or not (_ONEDNN and x.device.type == "cpu" and x.dim() == 2
                                     and x.dtype == weight.dtype == torch.float32):
