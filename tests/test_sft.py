@@ -219,7 +219,8 @@ def test_sft_held_out_accuracy_rises_well_above_untrained(tmp_path):
     from audio_rft.data.dataset import load_dataset
     from audio_rft.data.synth import build_synth
     from audio_rft.model import build_tiny_preset
-    from audio_rft.train.common import held_out_accuracy
+    from audio_rft.model import core_model
+    from audio_rft.train.common import greedy_accuracy
 
     build_synth(tmp_path / "bench", 360, 90, seed=1)
     model = build_tiny_preset("tiny", tmp_path / "tiny", [tmp_path / "bench" / "train"])
@@ -227,10 +228,10 @@ def test_sft_held_out_accuracy_rises_well_above_untrained(tmp_path):
                        eval_data=str(tmp_path / "bench" / "test"), max_steps=300, batch_size=16, lr=1e-3, lora=False,
                        save_every=0, report_to=[], device="cpu", prompt_mode="answer", eval_limit=90)
     processor, untrained = load_tiny(model)
-    before = held_out_accuracy(untrained, processor, config)["eval/accuracy"]
+    before = greedy_accuracy(core_model(untrained), processor, config)["eval/accuracy"]
     final = train_sft(config)
     processor, trained = load_tiny(final)
-    after = held_out_accuracy(trained, processor, config)["eval/accuracy"]
+    after = greedy_accuracy(core_model(trained), processor, config)["eval/accuracy"]
     chance = sum(1 / len(s.choices) for s in load_dataset(tmp_path / "bench" / "test")) / 90
     assert after > before + 0.3, (before, after)
     assert after > chance + 0.05, (chance, after)

@@ -352,16 +352,21 @@ class NonFiniteGuard:
 
 
 def held_out_accuracy(engine: Engine, processor, config: TrainConfig) -> dict[str, float]:
-    """Greedy accuracy (exact and MMAU rule) and format rate on eval_data."""
+    """Greedy accuracy (exact and MMAU rule) and format rate on eval_data, every rank taking part."""
+    with engine.gathered():
+        return engine.run(greedy_accuracy, processor, config)
+
+
+def greedy_accuracy(core, processor, config: TrainConfig) -> dict[str, float]:
+    """held_out_accuracy's measurement on a plain (unwrapped) model."""
     from audio_rft.answers import extract_answer, follows_format, is_correct
     from audio_rft.data.dataset import load_dataset
     from audio_rft.eval.infer import predict
 
     mode = "answer" if config.prompt_mode == "mixed" else config.prompt_mode
     samples = [s for s in load_dataset(config.eval_data, limit=config.eval_limit) if s.answer is not None]
-    with engine.gathered():
-        outputs = engine.run(predict, processor, config.eval_data, samples, mode, config.eval_batch_size,
-                             max_new_tokens=64 if mode == "think" else 16)
+    outputs = predict(core, processor, config.eval_data, samples, mode, config.eval_batch_size,
+                      max_new_tokens=64 if mode == "think" else 16)
     exact = [is_correct(extract_answer(t), s.answer, s.choices, "exact") for (t, _), s in zip(outputs, samples)]
     mmau = [is_correct(extract_answer(t), s.answer, s.choices, "mmau") for (t, _), s in zip(outputs, samples)]
     fmt = [follows_format(t, mode) for t, _ in outputs]
