@@ -452,6 +452,10 @@ class FrozenHeadLogprobs(torch.autograd.Function):
         return None, grad[:, None].to(direction.dtype) * direction, None, None
 
 
+_ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+           and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
 _PACKED: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # weight -> {transposed: (version key, packed copy)}
 
 
@@ -478,10 +482,6 @@ def frozen_linear(x: torch.Tensor, weight: torch.Tensor, transposed: bool = Fals
             source = weight.detach().t().contiguous() if transposed else weight.detach()
             packs[transposed] = (key, torch.ops.mkldnn._reorder_linear_weight(source, None))
     return torch.ops.mkldnn._linear_pointwise(x, packs[transposed][1], None, "none", [], "")
-
-
-_ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-           and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 def _plain_weight(head) -> torch.Tensor | None:
