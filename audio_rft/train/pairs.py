@@ -122,7 +122,8 @@ def sampled_pairs(samples: list, config: PairsConfig, reward_fns: dict, weights:
     if config.num_generations < 2:
         raise UserError("num_generations must be at least 2 (a pair needs two completions to compare)")
     loaded = load_model(config.model, config.adapter, config.dtype, config.device)
-    processor, core = loaded.processor, core_model(loaded.model).eval()
+    # sampling only: frozen weights let the decode head keep one packed copy for the whole run (frozen_linear)
+    processor, core = loaded.processor, core_model(loaded.model).eval().requires_grad_(False)
     G = config.num_generations
     pairs, unpaired = [], Counter()
     for start in range(0, len(samples), config.batch_size):
