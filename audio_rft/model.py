@@ -189,8 +189,12 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def load_model(model: str | Path, adapter: str | Path | None = None, dtype: str = "auto", device: str = "auto",
-               attn_implementation: str | None = None, adapter_trainable: bool = False) -> Loaded:
-    """Processor and Qwen2AudioForConditionalGeneration from a hub id or a local folder, optionally with a PEFT adapter."""
+               attn_implementation: str | None = None, adapter_trainable: bool = False,
+               empty_weights: bool = False) -> Loaded:
+    """Processor and Qwen2AudioForConditionalGeneration from a hub id or a local folder, optionally with a PEFT adapter.
+
+    `empty_weights`: the same model with every parameter on the meta device and no weight read (buffers real, on
+    `device`): what a rank builds that receives its shard from rank 0 (engine.load_shards)."""
     from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
     local = Path(model).exists()
@@ -199,8 +203,11 @@ def load_model(model: str | Path, adapter: str | Path | None = None, dtype: str 
     target = pick_device(device)
     try:
         processor = AutoProcessor.from_pretrained(str(model))
-        network = Qwen2AudioForConditionalGeneration.from_pretrained(
-            str(model), dtype=pick_dtype(dtype, target), attn_implementation=attn_implementation)
+        if empty_weights:
+            network = _empty_model(str(model), pick_dtype(dtype, target), attn_implementation)
+        else:
+            network = Qwen2AudioForConditionalGeneration.from_pretrained(
+                str(model), dtype=pick_dtype(dtype, target), attn_implementation=attn_implementation)
     except OSError as e:
         if local:
             raise UserError(f"{model}: not a loadable Qwen2-Audio folder ({str(e).splitlines()[0][:160]})") from None
@@ -208,7 +215,10 @@ def load_model(model: str | Path, adapter: str | Path | None = None, dtype: str 
             f"model {model!r} is not a local folder and is not in the Hugging Face cache; download it first with "
             f"`hf download {model}` (or pass a local folder)") from None
     processor.tokenizer.padding_side = "left"
-    network.to(target)
+    if empty_weights:
+        buffers_to(network, target)
+    else:
+        network.to(target)
     if adapter:
         from peft import PeftModel
 
@@ -216,6 +226,29 @@ def load_model(model: str | Path, adapter: str | Path | None = None, dtype: str 
             raise UserError(f"{adapter}: no adapter_config.json (not a PEFT adapter folder)")
         network = PeftModel.from_pretrained(network, str(adapter), is_trainable=adapter_trainable)
     return Loaded(processor, network)
+
+
+def _empty_model(model: str, dtype: torch.dtype, attn_implementation: str | None = None):
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, GenerationConfig, Qwen2AudioForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(model)
+    with init_empty_weights(include_buffers=False):
+        network = Qwen2AudioForConditionalGeneration._from_config(config, dtype=dtype,
+                                                                  attn_implementation=attn_implementation)
+    try:  # the stop tokens sampling uses; a folder without one keeps what the config implies
+        network.generation_config = GenerationConfig.from_pretrained(model)
+    except OSError:
+        pass
+    return network
+
+
+def buffers_to(module: torch.nn.Module, device: torch.device) -> None:
+    """Move a meta-device model's buffers (rotary tables: computed, not loaded) to `device`."""
+    for inner in module.modules():
+        for name, buffer in inner._buffers.items():
+            if buffer is not None:
+                inner._buffers[name] = buffer.to(device)
 
 
 def default_lora_targets() -> list[str]:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from audio_rft import UserError
 from audio_rft.compat import (CacheLayer, audio_output_lengths, bidirectional_mask, lm_forward, output_cache,
                               prompt_cache, repeat_cache)
 from audio_rft.data.audio import read_wav
@@ -75,7 +76,7 @@ def encode_prompts(processor, samples: list[Sample], waveforms: list[np.ndarray]
     if max_prompt_tokens and batch.attention_mask.sum(1).max() > max_prompt_tokens:
         longest = int(batch.attention_mask.sum(1).max())
         # Cutting a prompt would cut audio tokens and break the audio/token alignment: refuse instead.
-        raise ValueError(f"a prompt has {longest} tokens (audio included), over max_prompt_tokens={max_prompt_tokens}; "
+        raise UserError(f"a prompt has {longest} tokens (audio included), over max_prompt_tokens={max_prompt_tokens}; "
                          "raise max_prompt_tokens rather than truncating audio tokens")
     return batch
 

@@ -41,14 +41,16 @@ def env(plugin: Path) -> dict[str, str]:
             "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": f"{plugin}{os.pathsep}{ROOT}", "DS_ACCELERATOR": "cpu"}
 
 
-def launch_command(spec: Path) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(DRIVER), str(spec)]
+def launch_command(spec: Path, processes: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+            str(DRIVER), str(spec)]
 
 
-def launch(jobs: list[dict], folder: Path, plugin: Path) -> None:
+def launch(jobs: list[dict], folder: Path, plugin: Path, processes: int = 2) -> None:
     spec = folder / f"spec-{time.monotonic_ns()}.json"
     spec.write_text(json.dumps(jobs))
-    done = subprocess.run(launch_command(spec), env=env(plugin), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    done = subprocess.run(launch_command(spec, processes), env=env(plugin), capture_output=True, text=True, timeout=600,
+                          cwd=ROOT)
     assert done.returncode == 0, done.stderr[-4000:]
 
 
@@ -102,8 +104,26 @@ def runs(tiny_model, synth_data, plugin_dir, tmp_path_factory):
                 for name, (kind, make, batch, extra) in CASES.items()]
         jobs.append({"kind": "measure", "config": grpo(tiny_model, synth_data, root / strategy / "measure",
                                                        batch_size=1, strategy=strategy, lora=False)})
+        jobs += extra_jobs(tiny_model, synth_data, root / strategy, strategy)
         launch(jobs, root, plugin_dir)
     return root
+
+
+def extra_jobs(tiny_model, synth_data, root: Path, strategy: str, **extra) -> list[dict]:
+    """What breaks at full size, shown small (issue 25): held-out evaluation every step, skipped steps (a NaN loss;
+    no rank with signal), and the gradient bytes a rank holds mid-accumulation."""
+    return [
+        {"kind": "grpo", "config": grpo(tiny_model, synth_data, root / "eval-every-step", batch_size=1, strategy=strategy,
+                                        max_steps=2, save_every=0, eval_data=str(synth_data / "test"), eval_every=1,
+                                        eval_limit=4, eval_batch_size=4, **extra)},
+        {"kind": "sft", "config": sft(tiny_model, synth_data, root / "skip-nan", batch_size=1, strategy=strategy,
+                                      **extra), "record_steps": True, "nan_calls": [3, 3]},
+        {"kind": "grpo", "config": grpo(tiny_model, synth_data, root / "skip-no-signal", batch_size=1, strategy=strategy,
+                                        max_steps=2, save_every=0, rewards=["accuracy"], skip_equal_groups=True,
+                                        **extra), "record_steps": True},
+        {"kind": "gradients", "config": sft(tiny_model, synth_data, root / "gradients", batch_size=1, strategy=strategy,
+                                            lora=False, **extra)},
+    ]
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -143,6 +163,89 @@ def test_fsdp_holds_half_the_parameter_and_optimizer_bytes_of_ddp(runs):
         for rank in (0, 1):
             share = measured["fsdp"][rank][kind] / ddp
             assert 0.40 < share < 0.62, (kind, rank, share)  # half, plus padding of uneven shards
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_ranks_draw_different_dropout_masks(runs, strategy):
+    draws = [json.loads((runs / strategy / "measure" / f"bytes-{r}.json").read_text())["dropout_draws"] for r in (0, 1)]
+    assert draws[0] != draws[1]
+
+
+def gradient_share(folder: Path, rank: int) -> float:
+    measured = json.loads((folder / "gradients" / f"gradients-{rank}.json").read_text())
+    return measured["held"] / measured["full_fp32"]
+
+
+def test_fsdp_keeps_gradients_sharded_under_accumulation(runs):
+    """After the first of two micro-batches each fsdp rank holds about half the fp32 gradient (FSDP2 reduce-
+    scatters every micro-batch); DDP, for contrast, holds all of it. sft-full (grad_accum 2) still matches one
+    process (test_two_processes_match_one_on_the_same_global_batch)."""
+    for rank in (0, 1):
+        assert 0.40 < gradient_share(runs / "fsdp", rank) < 0.62
+        assert gradient_share(runs / "ddp", rank) > 0.95
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_held_out_evaluation_every_step_neither_hangs_nor_skips(runs, strategy):
+    metrics = read_metrics(runs / strategy / "eval-every-step")
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert all(m["eval/n"] == 4 and 0.0 <= m["eval/accuracy"] <= 1.0 for m in metrics)
+
+
+def assert_skipped_steps_change_nothing(folder: Path, expected_apply: list[bool]) -> None:
+    for case in ("skip-nan", "skip-no-signal"):
+        for rank in (0, 1):
+            records = json.loads((folder / case / f"steps-{rank}.json").read_text())
+            want = expected_apply if case == "skip-nan" else [False, False]
+            assert [r["apply"] for r in records] == want, (case, rank)
+            assert [r["changed"] for r in records] == want, (case, rank, records)
+        metrics = read_metrics(folder / case)
+        if case == "skip-nan":
+            assert ["skipped" in m for m in metrics] == [not a for a in expected_apply]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_skipped_steps_change_no_weight_and_no_optimizer_state(runs, strategy):
+    """A NaN loss at step 2 of 3, and steps where no rank has signal: neither moves weights or AdamW state."""
+    assert_skipped_steps_change_nothing(runs / strategy, [True, False, True])
+
+
+def test_deepspeed_skipped_steps_change_no_weight_and_no_optimizer_state(runs, tiny_model, synth_data, plugin_dir):
+    reason = deepspeed_or_reason()
+    if reason:
+        pytest.skip(reason)
+    jobs = [job for stage in (2, 3) for job in extra_jobs(tiny_model, synth_data, runs / f"ds-skip-{stage}", "deepspeed",
+                                                        zero_stage=stage)
+            if job["config"]["out"].split("/")[-1].startswith("skip")]
+    launch(jobs, runs, plugin_dir)
+    for stage in (2, 3):
+        assert_skipped_steps_change_nothing(runs / f"ds-skip-{stage}", [True, False, True])
+
+
+def test_checkpoint_manifests_split_the_hashing_between_ranks(runs, tmp_path):
+    """Each rank hashed about half the bytes of a sharded checkpoint; resume refuses a byte flipped in a file
+    that rank 1 vouched for."""
+    import shutil
+
+    from audio_rft.train.common import COMPLETE, is_complete
+
+    checkpoint = runs / "fsdp" / "grpo-full" / "checkpoint-2"
+    marker = json.loads((checkpoint / COMPLETE).read_text())
+    assert sorted(marker["manifests"]) == ["manifests/rank-0.json", "manifests/rank-1.json"]
+    shares = [json.loads((checkpoint / name).read_text()) for name in sorted(marker["manifests"])]
+    assert not shares[0].keys() & shares[1].keys()
+    every = {str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file()}
+    assert shares[0].keys() | shares[1].keys() == every - {COMPLETE, *marker["manifests"]}
+    sizes = [sum(size for _, size in share.values()) for share in shares]
+    assert min(sizes) / sum(sizes) > 0.3, sizes
+    assert is_complete(checkpoint) and all(is_complete(checkpoint, r, 2) for r in (0, 1))
+    copy = tmp_path / "checkpoint-2"
+    shutil.copytree(checkpoint, copy)
+    victim = copy / max(shares[1], key=lambda name: shares[1][name][1])
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    assert is_complete(copy, 0, 2) and not is_complete(copy, 1, 2) and not is_complete(copy)
 
 
 def test_killed_sharded_grpo_reruns_to_the_uninterrupted_weights(runs, tiny_model, synth_data, plugin_dir, tmp_path):
@@ -254,3 +357,24 @@ def test_sampling_steps_until_every_rank_is_done(tiny_model, synth_data):
     assert alone.shape[1] == 1 and waiting.shape[1] == 3 and steps == [True, True, True]
     assert torch.equal(waiting[:, :1], alone) and torch.equal(waiting_mask[:, :1], alone_mask)
     assert not waiting_mask[:, 1:].any()
+
+
+@pytest.mark.slow
+def test_sharded_loading_holds_a_shard_per_rank_not_the_model(synth_data, plugin_dir, tmp_path):
+    """Peak resident memory of loading the bench preset (Qwen2-Audio-7B's vocabulary, 2 x 156,032 x 256 embedding
+    and head, two narrow layers) for full fine-tuning: one process, and a rank other than 0 of a 2-process fsdp
+    load, which builds on the meta device and receives its shard one tensor at a time."""
+    from audio_rft.model import build_tiny_preset
+
+    model = build_tiny_preset("bench", tmp_path / "bench")
+    loaded = {}
+    for processes, strategy in ((1, "none"), (2, "fsdp")):
+        out = tmp_path / strategy
+        launch([{"kind": "load", "config": sft(model, synth_data, out, lora=False, strategy=strategy, batch_size=1)}],
+               tmp_path, plugin_dir, processes)
+        loaded[strategy] = [json.loads((out / f"memory-{r}.json").read_text()) for r in range(processes)]
+    growth = {k: [m["peak"] - m["before"] for m in v] for k, v in loaded.items()}
+    print("peak resident growth while loading, MiB:", {k: [round(b / 2**20) for b in v] for k, v in growth.items()})
+    weights = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+    assert growth["none"][0] > 0.9 * weights  # one process holds the whole model
+    assert growth["fsdp"][1] < 0.75 * growth["none"][0]

@@ -356,3 +356,66 @@ def test_grpo_raises_accuracy_from_a_warmed_up_base(tiny_model, synth_data, tmp_
     first, last = sum(accuracy[:fifth]) / fifth, sum(accuracy[-fifth:]) / fifth
     assert last > first + 0.08, (first, last, accuracy)
     assert sum(m["rewards/format"] for m in metrics[-fifth:]) / fifth > 0.8  # the format was kept
+
+
+# ---------------------------------------------------------------- what breaks at full size, shown small
+
+
+@pytest.fixture(scope="module")
+def warm_adapter(tiny_model, tmp_path_factory):
+    """A LoRA adapter far from the base (random A and B), as a warm-up would leave: the policy a run starts from."""
+    _, model = load_tiny(tiny_model)
+    model = add_lora(model, rank=8)
+    perturb_lora(model, seed=3, scale=0.3)
+    folder = tmp_path_factory.mktemp("adapter") / "warm"
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_a_run_from_an_adapter_has_that_adapter_as_its_reference(tiny_model, synth_data, with_plugin, warm_adapter,
+                                                                  tmp_path):
+    """KL is 0 at the first step (policy = reference = the adapter), not the distance from the raw base."""
+    config = grpo_config(tiny_model, synth_data, tmp_path / "run", adapter=str(warm_adapter), max_steps=1,
+                         num_iterations=1, save_every=0, log_completions_every=0, lora_dropout=0.05)
+    final = train_grpo(config)
+    (record,) = read_metrics(tmp_path / "run")
+    assert record["kl"] == 0.0 and record["reward_std"] > 0
+    # the saved adapter is the trained one alone, not its frozen reference copy
+    assert not any("reference" in key for key in adapter_weights(final))
+    assert not (final / "reference").exists()
+
+
+def test_the_first_inner_update_has_ratio_exactly_one_with_lora_dropout(tiny_model, synth_data, with_plugin, tmp_path,
+                                                                         monkeypatch, warm_adapter):
+    """μ = 2, lora_dropout 0.05: π_old and the policy pass run the same network before the first update, so the
+    ratio is exactly 1 and nothing is clipped. With dropout=true (dropout in every such pass) it is not. (From an
+    adapter: a fresh LoRA's B is zero, so its dropout changes nothing yet.)"""
+    import audio_rft.train.grpo as grpo
+
+    real, seen = grpo.grpo_loss, []
+
+    def recording(logprobs, old_logprobs, *args, **kwargs):
+        loss, stats = real(logprobs, old_logprobs, *args, **kwargs)
+        seen.append((float((logprobs.detach() - old_logprobs).abs().max()), stats["clip_ratio"]))
+        return loss, stats
+
+    monkeypatch.setattr(grpo, "grpo_loss", recording)
+    for dropout in (False, True):
+        seen.clear()
+        train_grpo(grpo_config(tiny_model, synth_data, tmp_path / f"dropout-{dropout}", max_steps=1, num_iterations=2,
+                               adapter=str(warm_adapter), lora_dropout=0.05, dropout=dropout, epsilon_low=0.0, epsilon_high=0.0, save_every=0,
+                               log_completions_every=0))
+        first_gap, first_clipped = seen[0]
+        if dropout:
+            assert first_gap > 0 and first_clipped > 0
+        else:
+            assert first_gap == 0.0 and first_clipped == 0.0
+            assert seen[1][0] > 0  # the second inner update follows a real step
+
+
+def test_a_grpo_prompt_over_max_prompt_tokens_is_a_one_line_error(tiny_model, synth_data, tmp_path):
+    from audio_rft import UserError
+
+    with pytest.raises(UserError) as caught:
+        train_grpo(grpo_config(tiny_model, synth_data, tmp_path / "run", max_prompt_tokens=10, rewards=["accuracy"]))
+    assert "max_prompt_tokens=10" in str(caught.value) and "\n" not in str(caught.value)

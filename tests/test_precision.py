@@ -37,3 +37,23 @@ def test_full_finetune_in_bf16_at_lr_1e6_changes_most_weights_in_one_step(tiny_m
     # the loadable checkpoint is written in the compute dtype
     final = load_file(str(out / "final" / "model.safetensors"))
     assert {t.dtype for t in final.values() if t.is_floating_point()} == {torch.bfloat16}
+
+
+def test_lora_with_the_projector_in_bf16_keeps_every_trained_weight_and_its_adam_state_in_fp32(tiny_model, synth_data,
+                                                                                             tmp_path):
+    """PEFT upcasts only the LoRA matrices; the projector trained beside them (modules_to_save) must be fp32 too."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from audio_rft.train.sft import SFTConfig, train_sft
+
+    out = tmp_path / "run"
+    train_sft(SFTConfig(model=str(tiny_model), data=str(synth_data / "train"), out=str(out), lora=True,
+                        train_projector=True, dtype="bf16", lr=1e-3, max_steps=2, save_every=1, batch_size=4,
+                        report_to=[], device="cpu", threads=1))
+    dcp_to_torch_save(out / "checkpoint-1" / "training_state" / "dcp", tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=False)
+    trained, optimizer = state["model"], state["optimizer"]["state"]
+    projector = [name for name in trained if "multi_modal_projector" in name]
+    assert projector and any("lora_" in name for name in trained)
+    assert {t.dtype for t in trained.values()} == {torch.float32}
+    assert optimizer and all(v["exp_avg"].dtype == torch.float32 for v in optimizer.values())

@@ -269,6 +269,26 @@ def test_short_run_moves_the_margin(tiny_model, choice_pairs, tmp_path, method, 
     assert (final / ("adapter_config.json" if overrides.get("lora", True) else "config.json")).is_file()
 
 
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_a_run_from_an_adapter_starts_at_its_reference(tiny_model, choice_pairs, tmp_path, method):
+    """From `adapter=` with lora=true the reference is that adapter's policy: at step 1 every implicit reward is 0
+    and DPO's loss is ln 2 (with LoRA dropout 0.05 configured: dropout is off in both passes)."""
+    from audio_rft.model import add_lora
+    from audio_rft.train.prefer import train_prefer
+
+    _, model = load_tiny(tiny_model)
+    model = add_lora(model, rank=8, dropout=0.05)
+    perturb_lora(model, seed=4, scale=0.3)
+    model.save_pretrained(tmp_path / "adapter")
+    train_prefer(prefer_config(tiny_model, choice_pairs, tmp_path / "run", method=method, adapter=str(tmp_path / "adapter"),
+                               max_steps=2, lora_dropout=0.05, batch_size=8 if method == "kto" else 4))
+    first, second = read_metrics(tmp_path / "run")
+    assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
+    if method == "dpo":
+        assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert second["rewards/margin"] != 0.0  # the policy moved from its reference
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU (gloo) path")
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_match_one_on_the_same_global_batch(tiny_model, choice_pairs, plugin_dir, tmp_path, strategy):

@@ -665,3 +665,17 @@ def test_out_of_memory_gives_advice(base, monkeypatch, tmp_path, stage, one_thre
         run()
     assert str(caught.value) == oom_advice(kind)
     assert "batch_size" in str(caught.value) and "gradient_checkpointing" in str(caught.value)
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_the_resume_state_restores_the_generator_dropout_draws_from(device):
+    """CPU and CUDA alike: the RNG state a checkpoint saves puts the device's dropout generator back."""
+    from audio_rft.train.engine import _rng_state, _set_rng_state, dropout_generator
+
+    device = torch.device(device)
+    state = _rng_state(device)
+    first = torch.rand(5, generator=dropout_generator(device), device=device)
+    torch.rand(7, generator=dropout_generator(device), device=device)
+    _set_rng_state(state, device)
+    assert state["device_type"] == device.type
+    assert torch.equal(torch.rand(5, generator=dropout_generator(device), device=device), first)

@@ -23,7 +23,7 @@ class OursStep:
         resolved = resolve_strategy(strategy, layout.world)
         self.processor, model, compute = setup_model(self.config, layout, resolved)
         self.engine = build_engine(self.config, layout, model, compute, optimizer_factory(self.config, 10_000),
-                                   keep_reference=not lora)
+                                   reference=True)
         self.reward_fns, self.weights = build_reward_fns(self.config)
         self.G, self.seed = G, seed
 

@@ -2,8 +2,9 @@
 
 A checkpoint is what Hugging Face tools load (a PEFT adapter or full weights, plus the processor and a
 model card) with the training state beside it. It is written to a temporary folder and renamed into
-place after a `COMPLETE` marker listing every file's checksum, so a crash mid-save never leaves a
-checkpoint that looks whole, and resuming from it restores optimizer, scheduler, RNG and step exactly.
+place after a `COMPLETE` marker vouching for every file's checksum (through per-rank manifests: each rank
+hashes its share), so a crash mid-save never leaves a checkpoint that looks whole, and resuming from it
+restores optimizer, scheduler, RNG and step exactly.
 
 It stays one module (over 500 lines) because it is the one skeleton every trainer follows (config, setup,
 checkpoints, metrics, guards, Run): a trainer's author reads it top to bottom as the contract sft.py,
@@ -32,8 +33,8 @@ from tqdm import tqdm
 from audio_rft import UserError
 from audio_rft.config import config_to_dict, option, parse_command
 from audio_rft.fileio import atomic_dir, atomic_write_json, sha256_file
-from audio_rft.train.engine import (Engine, Layout, build_engine, describe, master_dtype, process_layout,
-                                    resolve_strategy)
+from audio_rft.train.engine import (REFERENCE_ADAPTER, Engine, Layout, build_engine, describe, disable_dropout,
+                                    master_dtype, process_layout, resolve_strategy, seed_dropout, upcast_trained)
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,9 @@ class TrainConfig:
     lora: bool = option(True, "LoRA (true) or full fine-tuning of the language model (false)")
     lora_rank: int = option(8, "LoRA rank")
     lora_alpha: int = option(16, "LoRA alpha")
-    lora_dropout: float = option(0.05, "LoRA dropout")
+    lora_dropout: float = option(0.05, "LoRA dropout (applies only with dropout=true)")
+    dropout: bool = option(False, "keep dropout (LoRA's, the model's) on while training; off (default, as TRL's "
+                                  "preference trainers), every pass that forms a ratio or a KL runs the same network")
     lora_targets: list[str] = option([], "LoRA target modules (default: the language model's attention and MLP projections)")
     train_projector: bool = option(False, "also train the audio projector")
     train_audio_encoder: bool = option(False, "also train the audio encoder and projector (full fine-tuning only; "
@@ -118,11 +121,13 @@ def batch_indices(n: int, seed: int, step: int, micro: int, batch_size: int, gra
     return out
 
 
-def setup_model(config: TrainConfig, layout: Layout, strategy: str):
+def setup_model(config: TrainConfig, layout: Layout, strategy: str, reference: bool = False):
     """Load the base (and adapter), then make exactly the intended parameters trainable.
 
     Returns the processor, the model and the compute dtype; the weights are loaded in engine.master_dtype
-    (fp32 where 16-bit training needs fp32 master weights)."""
+    (fp32 where 16-bit training needs fp32 master weights), and every trained one is fp32 in a 16-bit run.
+    With `reference` (the method anchors to the starting policy) a LoRA run from an adapter loads that adapter
+    a second time, frozen, as the reference (Engine.run_reference)."""
     from audio_rft.model import (add_lora, count_parameters, enable_gradient_checkpointing, load_model, pick_dtype,
                                  set_full_finetune)
 
@@ -132,8 +137,10 @@ def setup_model(config: TrainConfig, layout: Layout, strategy: str):
         raise UserError("train_audio_encoder=true needs lora=false (LoRA adapts only the language model)")
     compute = pick_dtype(config.dtype, layout.device)
     weights = master_dtype(compute, config.lora, strategy)
+    # Sharded loading: under fsdp rank 0 alone reads the weights; the others build on the meta device and
+    # receive their shard (engine.load_shards).
     loaded = load_model(config.model, config.adapter, str(weights).removeprefix("torch."), str(layout.device),
-                        adapter_trainable=config.lora)
+                        adapter_trainable=config.lora, empty_weights=strategy == "fsdp" and not layout.main)
     model = loaded.model
     if config.lora and not hasattr(model, "peft_config"):
         model = add_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout,
@@ -142,6 +149,12 @@ def setup_model(config: TrainConfig, layout: Layout, strategy: str):
         if hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()  # full fine-tuning from a LoRA warm-up: bake it in
         set_full_finetune(model, config.train_projector, config.train_audio_encoder)
+    if reference and config.lora and config.adapter:
+        model.load_adapter(config.adapter, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+    if compute != torch.float32:
+        upcast_trained(model)
+    if not config.dropout:
+        disable_dropout(model)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     total, trainable = count_parameters(model)
@@ -174,14 +187,52 @@ def checkpoint_dirs(out: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def is_complete(path: Path) -> bool:
-    """A checkpoint counts only if its marker exists and every listed file matches its checksum."""
-    marker = path / COMPLETE
+MANIFESTS = "manifests"
+
+
+def share_of(sizes: dict[str, int], rank: int, world: int) -> list[str]:
+    """The files rank `rank` of `world` hashes: every rank gets about 1/world of the bytes (largest file to the
+    rank with the fewest bytes so far), the same split on every rank given the same sizes."""
+    load, mine = [0] * world, []
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        owner = load.index(min(load))
+        load[owner] += sizes[name]
+        if owner == rank:
+            mine.append(name)
+    return mine
+
+
+def listed_files(path: Path) -> dict[str, tuple[str, int]] | None:
+    """Every file the COMPLETE marker vouches for, {name: (sha256, size)}, read through the per-rank manifests
+    it lists (each checked against the marker's checksum); None when the marker or a manifest is missing or
+    does not match."""
     try:
-        listed = json.loads(marker.read_text())["files"]
-    except (OSError, ValueError, KeyError):
+        marker = json.loads((path / COMPLETE).read_text())
+        if "files" in marker:  # written before per-rank manifests: the marker lists every file itself
+            return {k: (v, (path / k).stat().st_size if (path / k).is_file() else -1) for k, v in marker["files"].items()}
+        manifests = marker["manifests"]
+        listed = {}
+        for name, digest in manifests.items():
+            if sha256_file(path / name) != digest:
+                return None
+            listed.update({k: (v[0], int(v[1])) for k, v in json.loads((path / name).read_text()).items()})
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+    return listed
+
+
+def is_complete(path: Path, rank: int = 0, world: int = 1) -> bool:
+    """A checkpoint counts only if its marker exists and every listed file matches its checksum; with `world`
+    ranks each checks its share (share_of) of the bytes, so that together they check every file."""
+    listed = listed_files(path)
+    if listed is None:
         return False
-    return all((path / name).is_file() and sha256_file(path / name) == digest for name, digest in listed.items())
+    for name in share_of({k: size for k, (_, size) in listed.items()}, rank, world):
+        digest, size = listed[name]
+        file = path / name
+        if not file.is_file() or file.stat().st_size != size or sha256_file(file) != digest:
+            return False
+    return True
 
 
 def latest_checkpoint(out: str | Path) -> Path | None:
@@ -191,20 +242,42 @@ def latest_checkpoint(out: str | Path) -> Path | None:
     return None
 
 
+def verified_checkpoint(candidates: list[str], layout: Layout) -> Path | None:
+    """The newest candidate every rank finds whole in its share (collective: all ranks call it alike)."""
+    for candidate in candidates:
+        if not layout.any(not is_complete(Path(candidate), layout.rank, layout.world)):
+            return Path(candidate)
+    return None
+
+
 @contextmanager
 def _checkpoint_dir(path: Path, layout: Layout, step: int) -> Iterator[Path]:
-    """A temporary folder every rank writes into; once all have written, rank 0 lists every file's checksum
-    in the COMPLETE marker and renames the folder into place (fileio.atomic_dir)."""
+    """A temporary folder every rank writes into; once all have written, each rank hashes its share of the
+    files (about 1/N of the bytes, in parallel: share_of) into manifests/rank-R.json, and rank 0 lists the
+    manifests' checksums in the COMPLETE marker and renames the folder into place (fileio.atomic_dir).
+    No rank reads more than its share: at 7B full fine-tuning the sharded fp32 state is ~100 GB."""
     if not layout.main:
-        yield Path(layout.broadcast(None))
+        tmp = Path(layout.broadcast(None))
+        yield tmp
+        layout.barrier()
+        _write_manifest(tmp, layout, layout.broadcast(None))
         layout.barrier()
         return
     with atomic_dir(path) as tmp:
         layout.broadcast(str(tmp))
         yield tmp
         layout.barrier()
-        files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        (tmp / COMPLETE).write_text(json.dumps({"step": step, "files": files}, indent=1))
+        sizes = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        _write_manifest(tmp, layout, layout.broadcast(sizes))
+        layout.barrier()
+        manifests = {f"{MANIFESTS}/rank-{r}.json": sha256_file(tmp / MANIFESTS / f"rank-{r}.json") for r in range(layout.world)}
+        (tmp / COMPLETE).write_text(json.dumps({"step": step, "manifests": manifests}, indent=1))
+
+
+def _write_manifest(folder: Path, layout: Layout, sizes: dict[str, int]) -> None:
+    mine = {name: [sha256_file(folder / name), sizes[name]] for name in share_of(sizes, layout.rank, layout.world)}
+    (folder / MANIFESTS).mkdir(exist_ok=True)
+    (folder / MANIFESTS / f"rank-{layout.rank}.json").write_text(json.dumps(mine, indent=1))
 
 
 def save_checkpoint(path: Path, engine: Engine, processor, step: int, config: TrainConfig,
@@ -215,7 +288,10 @@ def save_checkpoint(path: Path, engine: Engine, processor, step: int, config: Tr
     weights = engine.full_weights(config.lora)
     with _checkpoint_dir(path, engine.layout, step) as tmp:
         if engine.layout.main:
-            engine.model.save_pretrained(tmp, **({} if weights is None else {"state_dict": weights}))
+            saved = {} if weights is None else {"state_dict": weights}
+            if hasattr(engine.model, "peft_config"):  # the trained adapter, not the frozen reference beside it
+                saved["selected_adapters"] = [engine.model.active_adapter]
+            engine.model.save_pretrained(tmp, **saved)
             _plain_architecture(tmp)
             processor.save_pretrained(tmp)
             write_model_card(tmp, config, step, metrics)
@@ -352,9 +428,15 @@ class NonFiniteGuard:
 
 
 def held_out_accuracy(engine: Engine, processor, config: TrainConfig) -> dict[str, float]:
-    """Greedy accuracy (exact and MMAU rule) and format rate on eval_data, every rank taking part."""
-    with engine.gathered():
-        return engine.run(greedy_accuracy, processor, config)
+    """Greedy accuracy (exact and MMAU rule) and format rate on eval_data: every rank taking part under sharding
+    (each pass gathers), the main rank alone on the unwrapped model otherwise, with no collective (a DDP
+    forward on one rank could wait for the others, e.g. to rebuild its buckets after the first backward)."""
+    engine.train(False)
+    if engine.sharded:
+        with engine.gathered():
+            return engine.run(greedy_accuracy, processor, config)
+    with engine.autocast():
+        return greedy_accuracy(engine.core, processor, config)
 
 
 def greedy_accuracy(core, processor, config: TrainConfig) -> dict[str, float]:
@@ -374,13 +456,15 @@ def greedy_accuracy(core, processor, config: TrainConfig) -> dict[str, float]:
             "eval/format": float(np.mean(fmt)), "eval/n": len(samples)}
 
 
-def resume_point(out: Path, fresh: bool) -> Path | None:
+def resume_candidates(out: Path, fresh: bool) -> list[str]:
+    """The checkpoints to resume from, newest first (verified_checkpoint takes the first whole one); none after
+    `--fresh`, which clears them."""
     if fresh and out.exists():
         for _, path in checkpoint_dirs(out):
             shutil.rmtree(path)
         (out / "metrics.jsonl").unlink(missing_ok=True)
         shutil.rmtree(out / "final", ignore_errors=True)
-    return latest_checkpoint(out)
+    return [str(path) for _, path in reversed(checkpoint_dirs(out))]
 
 
 def run_summary(out: Path, config: TrainConfig, step: int, metrics: dict[str, Any], seconds: float,
@@ -422,15 +506,20 @@ class Run:
         c = self.config
         return batch_indices(n, c.seed, step, micro, c.batch_size, c.grad_accum, self.layout.rank, self.layout.world)
 
-    def optimizer_step(self, loss: float, any_gradients: bool = True) -> tuple[float, bool]:
+    def optimizer_step(self, loss: float, any_gradients: bool = True, any_backward: bool = True) -> tuple[float, bool]:
         """Clip, check, step: the rank-averaged loss and the global norm decide for every rank at once.
-        Returns the gradient norm and whether the step was applied."""
+        `any_gradients`: some rank has signal this step; `any_backward`: this rank made a backward. Returns the
+        gradient norm and whether the step was applied; a skipped one changes no weight and no optimizer state
+        (Engine.optimizer_step)."""
         loss = self.layout.mean(loss)
+        if self.engine.strategy == "deepspeed":  # ZeRO measures the norm (and skips non-finite) inside its step
+            norm = self.engine.optimizer_step(math.isfinite(loss) and any_gradients, any_backward)
+            norm = 0.0 if norm is None else norm
+            return norm, self.guard.check(loss, norm, self.checkpoint) and any_gradients
         norm = self.engine.clip_gradients(self.config.max_grad_norm) if any_gradients else 0.0
-        applied = self.guard.check(loss, 0.0 if math.isnan(norm) and self.engine.strategy == "deepspeed" else norm,
-                                   self.checkpoint) and any_gradients
-        engine_norm = self.engine.optimizer_step(applied)
-        return (norm if engine_norm is None else engine_norm), applied
+        applied = self.guard.check(loss, norm, self.checkpoint) and any_gradients
+        self.engine.optimizer_step(applied, any_backward)
+        return norm, applied
 
     def end_step(self, metrics: dict[str, Any]) -> None:
         """Held-out evaluation when due, then log the step and write checkpoint-N on schedule."""
@@ -497,16 +586,18 @@ def check_report_to(report_to: list[str]) -> None:
             raise UserError(f"report_to={name} needs {module}, which is not installed: {install} (or report_to=[])")
 
 
-def start_run(config: TrainConfig, fresh: bool, schedule_steps: int, desc: str, keep_reference: bool = False) -> Run:
-    """Processes, model, strategy, optimizer, resume from the newest complete checkpoint, logs."""
+def start_run(config: TrainConfig, fresh: bool, schedule_steps: int, desc: str, reference: bool = False) -> Run:
+    """Processes, model, strategy, optimizer, resume from the newest complete checkpoint, logs. `reference`: the
+    method compares with the starting policy (Engine.run_reference)."""
     check_report_to(config.report_to)
     layout = process_layout(config)
     strategy = resolve_strategy(config.strategy, layout.world)
     seed_everything(config.seed)
-    processor, model, compute = setup_model(config, layout, strategy)
-    engine = build_engine(config, layout, model, compute, optimizer_factory(config, schedule_steps), keep_reference)
+    processor, model, compute = setup_model(config, layout, strategy, reference)
+    engine = build_engine(config, layout, model, compute, optimizer_factory(config, schedule_steps), reference)
+    seed_dropout(config.seed, layout.rank)
     out = Path(config.out)
-    checkpoint = layout.broadcast(resume_point(out, fresh) if layout.main else None)
+    checkpoint = verified_checkpoint(layout.broadcast(resume_candidates(out, fresh) if layout.main else None), layout)
     start = 0
     if checkpoint is not None:
         engine.load_state(Path(checkpoint) / STATE_DIR)

@@ -140,10 +140,20 @@ def deepspeed_config(config, compute_dtype: torch.dtype) -> dict:
         "gradient_accumulation_steps": config.grad_accum,
         "gradient_clipping": config.max_grad_norm or 0.0,
         "zero_optimization": {"stage": stage, "stage3_gather_16bit_weights_on_model_save": True},
-        "bf16": {"enabled": compute_dtype == torch.bfloat16},
+        "bf16": {"enabled": compute_dtype == torch.bfloat16, **_bf16_overflow_check()},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
     }
+
+
+def _bf16_overflow_check() -> dict:
+    """ZeRO skips a bf16 step with non-finite gradients only with `check_grad_overflow` (a key of newer
+    DeepSpeed releases; older ones refuse unknown keys and have no such skip: Engine.optimizer_step then stops)."""
+    try:
+        from deepspeed.runtime.precision_config import DeepSpeedBF16Config
+    except ImportError:
+        return {}
+    return {"check_grad_overflow": True} if "check_grad_overflow" in DeepSpeedBF16Config.model_fields else {}
 
 
 def zero_stage(config) -> int:
@@ -178,6 +188,7 @@ class Engine:
     wrapped: Any = None  # DDP(Passes) or the DeepSpeed engine around Passes
     autocast_dtype: torch.dtype | None = None
     reference: torch.nn.Module | None = None  # frozen copy for full fine-tuning with a KL term
+    reference_adapter: str | None = None  # LoRA started from an adapter: the name of its frozen second copy
 
     @property
     def sharded(self) -> bool:
@@ -202,9 +213,13 @@ class Engine:
             return fn(self.core, *args, **kwargs)
 
     def run_reference(self, fn: Callable, *args, **kwargs):
-        """A pass of the reference policy: the frozen copy, or the model with its LoRA adapter disabled."""
+        """A pass of the reference policy, the policy the run started from: the frozen copy (full fine-tuning),
+        the frozen second copy of the starting adapter (LoRA from `adapter=`), or the model with its LoRA adapter
+        disabled (LoRA from the base)."""
         if self.reference is None:
-            with self.model.disable_adapter():
+            switch = (active_adapter(self.model, self.reference_adapter) if self.reference_adapter
+                      else self.model.disable_adapter())
+            with switch:
                 return self.run(fn, *args, **kwargs)
         with self.autocast():
             if self.strategy == "fsdp":
@@ -235,16 +250,34 @@ class Engine:
                     if isinstance(unit, FSDPModule):
                         unit.reshard()
 
+    def train(self, on: bool = True) -> None:
+        """Train mode for the passes that form a ratio or a KL (π_old, policy, reference; chosen, rejected),
+        eval mode for sampling and held-out evaluation. Dropout is off in every pass unless the run keeps it
+        (`dropout=true`, see disable_dropout); then every one of those passes has it, the reference included."""
+        self.core.train(on)
+        if self.reference is not None:
+            self.reference.train(on)
+
+    @property
+    def passes_without_signal(self) -> bool:
+        """Whether a step where no rank has signal still makes its passes (at weight 0, then drops the gradients):
+        FSDP2 needs the backward (after no-grad passes alone its next reshard failed, "Trying to resize storage that
+        is not resizable", torch 2.13 CPU), while DeepSpeed must not see one: its step() would feed the zero
+        gradients to AdamW, so it skips the passes and its step() altogether."""
+        return self.strategy != "deepspeed"
+
     def all_done(self, done: bool) -> bool:
         """Whether every rank is done (sampling under sharding must run the same number of steps everywhere)."""
         return not self.layout.any(not done) if self.sharded else done
 
     def sync_gradients(self, on: bool) -> None:
-        """Whether the next backward averages gradients (the last micro-batch of a step) or only accumulates."""
+        """Whether the next backward averages gradients (the last micro-batch of a step) or only accumulates.
+
+        FSDP2 reduce-scatters after every micro-batch, as torchtune does, and accumulates into the sharded
+        gradient: skipping the sync (`set_requires_gradient_sync(False)`) would keep every parameter's whole
+        gradient, in the fp32 reduce dtype, on every rank until the last micro-batch, undoing gradient sharding."""
         if self.strategy == "ddp":
             self.wrapped.require_backward_grad_sync = on
-        elif self.strategy == "fsdp":
-            self.core.set_requires_gradient_sync(on)
         elif self.strategy == "deepspeed":
             self.wrapped.set_gradient_accumulation_boundary(on)
 
@@ -264,13 +297,22 @@ class Engine:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm and max_norm > 0 else float("inf"))
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
-    def optimizer_step(self, apply: bool) -> float | None:
-        """Apply (or, for a skipped step, drop) the accumulated gradients; advance the schedule."""
+    def optimizer_step(self, apply: bool, any_backward: bool = True) -> float | None:
+        """Apply (or, for a skipped step, drop) the accumulated gradients; advance the schedule.
+
+        A skipped step changes no weight and no optimizer state on any engine. DeepSpeed has no call that drops
+        accumulated gradients: a step that made no backward (no rank had signal) does not call its step() at all,
+        and one with non-finite gradients relies on ZeRO's own overflow skip (`check_grad_overflow`, which
+        deepspeed_config turns on for bf16); `was_step_applied()` confirms it, or the run stops."""
         norm = None
         if self.strategy == "deepspeed":
-            self.wrapped.step()  # DeepSpeed always applies at the boundary
-            norm = self.wrapped.get_global_grad_norm()
-            norm = None if norm is None else float(norm)
+            if any_backward:
+                self.wrapped.step()
+                if self.wrapped.was_step_applied() and not apply:
+                    raise UserError("DeepSpeed applied a step with non-finite gradients (this DeepSpeed has no "
+                                    "overflow skip in this precision); upgrade it or use strategy=fsdp")
+                norm = self.wrapped.get_global_grad_norm()
+                norm = None if norm is None else float(norm)
         else:
             if apply:
                 self.optimizer.step()
@@ -292,8 +334,10 @@ class Engine:
             state = self.wrapped._zero3_consolidated_16bit_state_dict() if self.wrapped.zero_optimization_stage() == 3 \
                 else self.wrapped.module.state_dict()
             prefix = "base_model.model." if lora else ""
+            trained = {prefix + k.removeprefix("core."): v for k, v in self.wrapped.module.named_parameters()
+                       if v.requires_grad}
             state = None if state is None else {prefix + k.removeprefix("core."): v for k, v in state.items()
-                                                if not lora or "lora_" in k}
+                                                if not lora or prefix + k.removeprefix("core.") in trained}
         elif self.strategy == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -321,7 +365,7 @@ class Engine:
             dcp.save(self._dcp_state(), checkpoint_id=str(folder / "dcp"))
         if self.layout.main:
             torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
-        torch.save(_rng_state(), folder / f"rng-{self.layout.rank}.pt")
+        torch.save(_rng_state(self.layout.device), folder / f"rng-{self.layout.rank}.pt")
 
     def load_state(self, folder: Path) -> None:
         if self.strategy == "deepspeed":
@@ -342,7 +386,7 @@ class Engine:
                 raise UserError(f"{folder}: training state does not match the model (missing {sorted(missing)[:3]})")
         self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
         rng = folder / f"rng-{self.layout.rank}.pt"
-        _set_rng_state(torch.load(rng if rng.exists() else folder / "rng-0.pt", weights_only=True))
+        _set_rng_state(torch.load(rng if rng.exists() else folder / "rng-0.pt", weights_only=True), self.layout.device)
 
     def _dcp_options(self, strict: bool = True):
         from torch.distributed.checkpoint.state_dict import StateDictOptions
@@ -356,20 +400,79 @@ class Engine:
         return {"model": model_state, "optimizer": optimizer_state}
 
 
-def _rng_state() -> dict[str, Any]:
+def dropout_generator(device: torch.device) -> torch.Generator:
+    """The generator dropout on `device` draws from: the CPU's, or the CUDA device's own."""
+    if device.type == "cpu":
+        return torch.default_generator
+    torch.cuda.init()
+    return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+
+
+def seed_dropout(seed: int, rank: int) -> None:
+    """A dropout seed per rank, so ranks draw different masks (sampling has its own generators per prompt,
+    a pure function of (seed, step, index), and model setup was seeded alike on every rank before this)."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
     version, python_state, _ = random.getstate()
     _, numpy_keys, numpy_pos, *_ = np.random.get_state()
     return {"torch": torch.get_rng_state(), "python": torch.tensor(python_state, dtype=torch.int64),
-            "python_version": version, "numpy": torch.from_numpy(numpy_keys.astype(np.int64)), "numpy_pos": int(numpy_pos)}
+            "python_version": version, "numpy": torch.from_numpy(numpy_keys.astype(np.int64)), "numpy_pos": int(numpy_pos),
+            "device_type": device.type, "device_rng": dropout_generator(device).get_state()}
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
+    # Older states hold the CPU's generator alone; a state from another kind of device has no generator for this one.
+    if state.get("device_type") == device.type:
+        dropout_generator(device).set_state(state["device_rng"])
     random.setstate((state["python_version"], tuple(state["python"].tolist()), None))
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"]))
 
 
 # ---------------------------------------------------------------- building it
+
+
+REFERENCE_ADAPTER = "reference"
+
+
+@contextmanager
+def active_adapter(model: torch.nn.Module, name: str):
+    """Every PEFT layer of `model` computes with adapter `name` for the duration. PeftModel.set_adapter would
+    also flip which parameters require gradients, which the engines' shards and the optimizer were built on."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    layers = [m for m in model.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
+    before = [m._active_adapter for m in layers]
+    for layer in layers:
+        layer._active_adapter = [name]
+    try:
+        yield
+    finally:
+        for layer, names in zip(layers, before):
+            layer._active_adapter = names
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off in every pass (as TRL's preference trainers do by default): the π_old, policy and reference
+    passes then run the same network, so a ratio is exactly 1 before the first update and a KL compares
+    policies, not dropout masks. Train mode still switches gradient checkpointing."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("dropout", "attention_dropout", "activation_dropout", "layerdrop"):  # transformers' functional ones
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+
+
+def upcast_trained(model: torch.nn.Module) -> None:
+    """fp32 master copies of every trained parameter in a 16-bit run: PEFT upcasts only the LoRA matrices, so
+    a projector trained beside them (modules_to_save) would otherwise train, and keep its AdamW state, in bf16."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
 
 
 def master_dtype(compute: torch.dtype, lora: bool, strategy: str) -> torch.dtype:
@@ -381,18 +484,21 @@ def master_dtype(compute: torch.dtype, lora: bool, strategy: str) -> torch.dtype
 
 
 def build_engine(config, layout: Layout, model: torch.nn.Module, compute_dtype: torch.dtype,
-                 make_optimizer: Callable, keep_reference: bool) -> Engine:
-    """Wrap or shard the model for the strategy, then build the optimizer over what each rank holds."""
+                 make_optimizer: Callable, reference: bool) -> Engine:
+    """Wrap or shard the model for the strategy, then build the optimizer over what each rank holds.
+    `reference`: the method needs the starting policy (full fine-tuning: a frozen copy; see run_reference)."""
     from audio_rft.model import core_model
 
     strategy = resolve_strategy(config.strategy, layout.world)
     core = core_model(model)
-    loaded = next(core.parameters()).dtype
     engine = Engine(strategy, layout, model, core, compute_dtype)
-    if keep_reference:  # frozen, so no master weights: kept in the compute dtype
+    full_reference = reference and not config.lora  # a frozen copy: no master weights, kept in the compute dtype
+    if full_reference and strategy != "fsdp":
         engine.reference = _frozen_copy(core, compute_dtype)
+    elif reference and REFERENCE_ADAPTER in getattr(model, "peft_config", {}):
+        engine.reference_adapter = REFERENCE_ADAPTER
     if strategy == "none" or strategy == "ddp":
-        if loaded != compute_dtype:
+        if any(p.dtype != compute_dtype for p in core.parameters()):  # fp32 master weights: compute in 16 bits
             engine.autocast_dtype = compute_dtype
         if strategy == "ddp":
             device_ids = [layout.device.index] if layout.device.type == "cuda" else None
@@ -401,9 +507,13 @@ def build_engine(config, layout: Layout, model: torch.nn.Module, compute_dtype: 
                 Passes(core), device_ids=device_ids, broadcast_buffers=False, gradient_as_bucket_view=True)
         engine.optimizer, engine.scheduler = make_optimizer(engine.trainable)
     elif strategy == "fsdp":
+        skeleton = _empty_copy(core, compute_dtype) if full_reference else None
+        loaded = model.state_dict() if layout.main else {}  # the others' weights are on the meta device
         _fully_shard(core, compute_dtype)
-        if engine.reference is not None:
-            _fully_shard(engine.reference, compute_dtype)
+        load_shards(model, loaded)
+        del loaded
+        if skeleton is not None:
+            engine.reference = _sharded_reference(skeleton, core, compute_dtype)
         engine.optimizer, engine.scheduler = make_optimizer(engine.trainable)  # over the local shards
     else:
         deepspeed = _import_deepspeed()
@@ -417,6 +527,42 @@ def build_engine(config, layout: Layout, model: torch.nn.Module, compute_dtype: 
         if engine.reference is not None:
             engine.reference.to(layout.device)
     return engine
+
+
+def load_shards(model: torch.nn.Module, loaded: dict[str, torch.Tensor]) -> None:
+    """Fill a sharded model from rank 0's whole weights (`loaded`; empty elsewhere): rank 0 sends one tensor at a
+    time and every rank keeps its shard of it (torch.distributed.checkpoint's broadcast_from_rank0), so a rank
+    other than 0 never holds more than its shard plus one tensor. Rank 0 holds the whole model it loaded, as one
+    process does, until this returns."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, loaded, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+def _empty_copy(core: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A frozen model of `core`'s architecture with its parameters on the meta device (no memory) and its
+    buffers real, on `core`'s device."""
+    from accelerate import init_empty_weights
+
+    from audio_rft.model import buffers_to
+
+    with init_empty_weights(include_buffers=False):
+        copy = type(core)._from_config(core.config, dtype=dtype)
+    buffers_to(copy, next(core.buffers()).device)
+    copy.generation_config = core.generation_config
+    return copy.eval().requires_grad_(False)
+
+
+def _sharded_reference(skeleton: torch.nn.Module, core: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """The frozen reference under fsdp, from the policy's own shards: sharded like the policy, each rank copies
+    its shard of each weight (no collective, and no rank ever holds a whole copy)."""
+    _fully_shard(skeleton, dtype)
+    shards = {name: param.detach().to(dtype).clone() for name, param in core.named_parameters()}
+    missing = {name for name, _ in skeleton.named_parameters()} - shards.keys()
+    if missing:
+        raise RuntimeError(f"reference copy: no policy weight for {sorted(missing)[:3]}")
+    skeleton.load_state_dict(shards, strict=False, assign=True)
+    return skeleton.requires_grad_(False)
 
 
 def _frozen_copy(core: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

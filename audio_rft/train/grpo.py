@@ -143,9 +143,9 @@ def train_grpo(config: GRPOConfig, fresh: bool = False) -> Path:
         raise UserError("num_generations must be at least 2 (advantages compare answers within a group)")
     reward_fns, weights = build_reward_fns(config)
     samples = [s for s in load_dataset(config.data) if s.answer is not None]
-    # Reference policy: LoRA needs no second model (disable the adapter); full fine-tuning keeps a frozen copy.
+    # Reference policy, the starting one (Engine.run_reference), only where the KL term needs it.
     run = start_run(config, fresh, config.max_steps * config.num_iterations, f"grpo {config.prompt_mode}",
-                    keep_reference=bool(config.beta) and not config.lora)
+                    reference=bool(config.beta))
     engine, layout, processor = run.engine, run.layout, run.processor
     core, G = engine.core, config.num_generations
     temperature = config.temperature if config.temperature > 0 else 1.0  # score the policy that sampled
@@ -162,7 +162,7 @@ def train_grpo(config: GRPOConfig, fresh: bool = False) -> Path:
                 clock = time.perf_counter()
                 batch = encode_prompts(processor, batch_samples, load_waveforms(config.data, batch_samples),
                                        config.prompt_mode, config.max_prompt_tokens).to(layout.device)
-                core.eval()  # no dropout while sampling
+                engine.train(False)  # no dropout while sampling
                 batch = engine.run(with_audio_encoded, batch)  # a frozen encoder runs once for all passes below
                 with engine.gathered():
                     ids, mask = engine.run(sample, processor, batch, G, config.max_completion_length,
@@ -191,6 +191,7 @@ def train_grpo(config: GRPOConfig, fresh: bool = False) -> Path:
                 ids, mask, advantages = ids[rows], mask[rows], advantages[rows]
                 clock = time.perf_counter()
                 ref_logprobs = old_logprobs = None
+                engine.train(True)  # π_old and the reference under the policy pass's dropout rule
                 with torch.no_grad():
                     if config.beta:
                         ref_logprobs = engine.run_reference(completion_logprobs, batch, ids, G, temperature=temperature)
@@ -203,13 +204,16 @@ def train_grpo(config: GRPOConfig, fresh: bool = False) -> Path:
                                for s, t, r in zip(group_samples, texts, reward)]
 
             # 2. μ policy updates on this rollout batch. Every process steps when any has something to learn,
-            # so replicas never drift apart when one skipped all its groups.
+            # so replicas never drift apart when one skipped all its groups; when none has, the step is skipped
+            # (no weight or optimizer state changes), its passes made only where the engine needs them.
             any_rollouts = layout.any(any(r[-1] > 0 for r in rollouts))
-            core.train()
+            passes = any_rollouts or engine.passes_without_signal
+            engine.train(True)
             for _ in range(config.num_iterations):
                 clock = time.perf_counter()
                 loss_total, stats_total = 0.0, {"kl": 0.0, "clip_ratio": 0.0}
-                for i, (batch, ids, mask, advantages, ref_logprobs, old_logprobs, weight) in enumerate(rollouts):
+                for i, (batch, ids, mask, advantages, ref_logprobs, old_logprobs, weight) in enumerate(
+                        rollouts if passes else []):
                     engine.sync_gradients(i == len(rollouts) - 1)
                     logprobs = engine.run(completion_logprobs, batch, ids, G, temperature=temperature)
                     loss, stats = grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, config.beta,
@@ -221,7 +225,7 @@ def train_grpo(config: GRPOConfig, fresh: bool = False) -> Path:
                         stats_total[key] += stats[key] / max(len(rollouts), 1)
                 timing["policy"] += time.perf_counter() - clock
                 clock = time.perf_counter()
-                norm, _ = run.optimizer_step(loss_total, any_rollouts)
+                norm, _ = run.optimizer_step(loss_total, any_rollouts, passes and bool(rollouts))
                 timing["optimizer"] += time.perf_counter() - clock
         except torch.cuda.OutOfMemoryError:
             raise UserError(oom_advice("GRPO")) from None

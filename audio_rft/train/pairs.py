@@ -129,11 +129,8 @@ def sampled_pairs(samples: list, config: PairsConfig, reward_fns: dict, weights:
     for start in range(0, len(samples), config.batch_size):
         idx = list(range(start, min(start + config.batch_size, len(samples))))
         batch_samples = [samples[i] for i in idx]
-        try:
-            batch = encode_prompts(processor, batch_samples, load_waveforms(config.data, batch_samples),
-                                   config.prompt_mode, config.max_prompt_tokens).to(core.device)
-        except ValueError as e:
-            raise UserError(str(e)) from None
+        batch = encode_prompts(processor, batch_samples, load_waveforms(config.data, batch_samples),
+                               config.prompt_mode, config.max_prompt_tokens).to(core.device)
         with torch.no_grad():
             batch = with_audio_encoded(core, batch)
             # Step 0 of GRPO's generator scheme: a question's completions depend only on (seed, its index).

@@ -8,8 +8,9 @@ prompt (audio + question) is prefilled once and its two completions are scored i
 - kto: [the single's completion, the previous single's completion], the second being KTO's
   mismatched pair for the reference point z0 (TRL's KTOTrainer pairs them the same way).
 
-The reference policy is the base model with the LoRA adapter disabled, or a frozen copy under full
-fine-tuning (start_run(keep_reference=True)); ORPO needs none. The losses live in preference_losses.
+The reference policy is the starting policy (Engine.run_reference): the base with the LoRA adapter
+disabled, a frozen copy of the starting adapter (`adapter=`), or a frozen copy under full fine-tuning;
+ORPO needs none. The losses live in preference_losses.
 BNF is not offered: see preference_losses' docstring.
 """
 
@@ -59,11 +60,8 @@ def prefer_inputs(processor, folder: str, by_id: dict, items: list[dict], method
     from audio_rft.rollout import encode_prompts, load_waveforms
 
     samples = [by_id[item["id"]] for item in items]
-    try:
-        batch = encode_prompts(processor, samples, load_waveforms(folder, samples), [i["prompt_mode"] for i in items],
-                               config.max_prompt_tokens)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    batch = encode_prompts(processor, samples, load_waveforms(folder, samples), [i["prompt_mode"] for i in items],
+                           config.max_prompt_tokens)
     if method == "kto":
         first = [(i["completion"], i["stopped"]) for i in items]
         second = first[-1:] + first[:-1]  # the previous item's completion: a mismatched pair
@@ -144,7 +142,7 @@ def train_prefer(config: PreferConfig, fresh: bool = False) -> Path:
     if missing is not None:
         raise UserError(f"{config.pairs}: sample {missing!r} is not in {config.data}")
     reference = config.method != "orpo"
-    run = start_run(config, fresh, config.max_steps, f"prefer {config.method}", keep_reference=reference and not config.lora)
+    run = start_run(config, fresh, config.max_steps, f"prefer {config.method}", reference=reference)
     engine, layout = run.engine, run.layout
     for step in range(run.start, config.max_steps):
         step_began, loss_sum, parts = time.perf_counter(), 0.0, []
@@ -154,13 +152,13 @@ def train_prefer(config: PreferConfig, fresh: bool = False) -> Path:
                 batch_items = [items[i] for i in run.indices(len(items), step, micro)]
                 batch, ids, mask = prefer_inputs(run.processor, config.data, by_id, batch_items, config.method, config,
                                                  layout.device)
-                engine.core.eval()  # a frozen audio tower runs once, without dropout, for both passes
+                engine.train(False)  # a frozen audio tower runs once, without dropout, for both passes
                 batch = engine.run(with_audio_encoded, batch)
+                engine.train(True)  # the reference and the policy pass under one dropout rule
                 ref_logps = None
                 if reference:
                     with torch.no_grad():
                         ref_logps = sequence_logps(engine.run_reference(completion_logprobs, batch, ids, 2), mask)[0]
-                engine.core.train()
                 logps = engine.run(completion_logprobs, batch, ids, 2)
                 loss, stats = method_loss(config, layout, batch_items, logps, ref_logps, mask)
                 engine.backward(loss / config.grad_accum)

@@ -96,9 +96,9 @@ def train_sft(config: SFTConfig, fresh: bool = False) -> Path:
         raise UserError(f"{config.data}: sample {missing!r} has no 'reasoning', which think-mode SFT targets need")
     run = start_run(config, fresh, config.max_steps, "sft")
     engine = run.engine
-    engine.core.train()
     for step in range(run.start, config.max_steps):
         step_began, loss_sum, token_count = time.perf_counter(), 0.0, 0
+        engine.train(True)  # again each step: held-out evaluation leaves it in eval mode
         try:
             micro_inputs = [sft_inputs(run.processor, config.data, [samples[i] for i in run.indices(len(samples), step, micro)],
                                        config, run.layout.device) for micro in range(config.grad_accum)]
