@@ -57,3 +57,74 @@ def test_a_prompt_whose_audio_tokens_do_not_match_its_clip_is_refused(tiny):
 
     with pytest.raises(ValueError, match="do not match"):
         prompt_embeddings(core, replace(batch, input_ids=ids))
+
+
+# ---------------------------------------------------------------- traced steps
+
+
+def _seven_b(layers: int) -> dict:
+    """Qwen2-Audio-7B's real widths (vocabulary, hidden, heads, audio window) with few layers."""
+    from audio_rft.plan import shapes_for_model
+
+    shapes = shapes_for_model("Qwen/Qwen2-Audio-7B-Instruct")
+    shapes["audio"]["layers"] = shapes["text"]["layers"] = layers
+    return shapes
+
+
+def test_a_2_layer_7b_width_full_step_on_8_simulated_ranks_shards_weights_and_adamw_state():
+    from audio_rft.plan import parameter_counts
+    from audio_rft.trace import trace_step
+    from audio_rft.train.sft import SFTConfig
+
+    shapes = _seven_b(2)
+    config = SFTConfig(model="x", lora=False, dtype="bf16", batch_size=1, grad_accum=1, max_target_tokens=8)
+    result = trace_step("sft", config, shapes, world=8, strategy="fsdp", prompt_tokens=760)
+    assert result["traced_as"] == "fsdp" and result["counted_by"].startswith("torch FSDPMemTracker")
+    counts = parameter_counts(shapes)
+    after = result["after_last_step"]
+    assert after["Sharded Param"] == pytest.approx(counts["total"] * 4 / 8, rel=0.01)  # fp32 master weights / 8
+    trainable = counts["language_model"]  # the tower and projector stay frozen in full fine-tuning
+    assert after["OptState"] == pytest.approx(2 * trainable * 4 / 8, rel=0.01)  # AdamW's two fp32 moments / 8
+    assert after["Sharded Grad"] == pytest.approx(trainable * 4 / 8, rel=0.01)
+    assert result["peak_bytes"] > sum(after.values())  # the step's activations and gathered layers come on top
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_trace_on_fake_tensors_matches_the_same_step_counted_on_real_cpu_tensors(lora):
+    from audio_rft.plan import shapes_for_preset
+    from audio_rft.trace import trace_step
+    from audio_rft.train.grpo import GRPOConfig
+
+    shapes = shapes_for_preset("tiny")
+    config = GRPOConfig(model="x", lora=lora, dtype="fp32", batch_size=1, grad_accum=2, num_generations=4,
+                        max_completion_length=8, gradient_checkpointing=True)
+    fake = trace_step("grpo", config, shapes, world=1, strategy="none", prompt_tokens=120)
+    real = trace_step("grpo", config, shapes, world=1, strategy="none", prompt_tokens=120, fake=False)
+    assert not real["fake"] and fake["fake"]
+    assert fake["peak_bytes"] == pytest.approx(real["peak_bytes"], rel=0.20)
+    assert fake["after_last_step"]["optimizer state"] == real["after_last_step"]["optimizer state"]
+
+
+def test_a_stage_whose_traced_peak_exceeds_the_gpu_is_reported_as_not_fitting(tmp_path, capsys):
+    import yaml
+
+    from audio_rft.plan import plan
+
+    path = tmp_path / "grpo.yaml"
+    path.write_text(yaml.safe_dump({"model": "unused", "lora": False, "dtype": "fp32", "num_generations": 2,
+                                    "max_completion_length": 4, "grad_accum": 1}))
+    from audio_rft.plan import shapes_for_preset
+    import audio_rft.plan as plan_module
+
+    shapes = shapes_for_preset("tiny")
+    original = plan_module._model_shapes
+    plan_module._model_shapes = lambda model, stages: shapes
+    try:
+        roomy, = plan(path, gpu_gb=80, prompt_tokens=120, device="cpu", trace=True)
+        small, = plan(path, gpu_gb=roomy["trace"]["total_bytes"] / 2**30 * 0.5, prompt_tokens=120, device="cpu",
+                      trace=True)
+    finally:
+        plan_module._model_shapes = original
+    assert roomy["fits_by"] == "trace" and roomy["fits"]
+    assert small["fits_by"] == "trace" and not small["fits"]
+    assert "does NOT fit" in small["verdict"]
