@@ -191,13 +191,16 @@ def fake_materialize(model: torch.nn.Module, fake: bool = True) -> None:
     real ones with random values (for checking a trace against a real run). Parameters keep their
     requires_grad, and PEFT's adapters the dtype it gave them. Checked with torch 2.13.0 (Module.to_empty)."""
     model.to_empty(device="cpu")
-    if not fake:
+    if not fake:  # plausible values: norms at 1 and biases at 0, so activations keep their scale layer after layer
         with torch.no_grad():
-            for param in model.parameters():
-                param.normal_(0.0, 0.02)
+            for name, param in model.named_parameters():
+                if param.dim() > 1:
+                    param.normal_(0.0, 0.02)
+                else:
+                    param.fill_(1.0 if "norm" in name else 0.0)
             for buffer in model.buffers():
                 if buffer.is_floating_point():
-                    buffer.normal_(0.0, 0.02)
+                    buffer.uniform_(0.0, 1.0)
 
 
 def tracker_peak(tracker) -> tuple[int, dict]:

@@ -96,35 +96,27 @@ def test_a_trace_on_fake_tensors_matches_the_same_step_counted_on_real_cpu_tenso
     from audio_rft.train.grpo import GRPOConfig
 
     shapes = shapes_for_preset("tiny")
-    config = GRPOConfig(model="x", lora=lora, dtype="fp32", batch_size=1, grad_accum=2, num_generations=4,
-                        max_completion_length=8, gradient_checkpointing=True)
-    fake = trace_step("grpo", config, shapes, world=1, strategy="none", prompt_tokens=120)
-    real = trace_step("grpo", config, shapes, world=1, strategy="none", prompt_tokens=120, fake=False)
+    config = GRPOConfig(model="x", lora=lora, dtype="fp32", batch_size=1, grad_accum=1, num_generations=2,
+                        max_completion_length=4, gradient_checkpointing=not lora)
+    fake = trace_step("grpo", config, shapes, world=1, strategy="none", prompt_tokens=110)
+    real = trace_step("grpo", config, shapes, world=1, strategy="none", prompt_tokens=110, fake=False)
     assert not real["fake"] and fake["fake"]
     assert fake["peak_bytes"] == pytest.approx(real["peak_bytes"], rel=0.20)
     assert fake["after_last_step"]["optimizer state"] == real["after_last_step"]["optimizer state"]
 
 
-def test_a_stage_whose_traced_peak_exceeds_the_gpu_is_reported_as_not_fitting(tmp_path, capsys):
+def test_a_stage_whose_traced_peak_exceeds_the_gpu_is_reported_as_not_fitting(tmp_path, monkeypatch, capsys):
     import yaml
 
-    from audio_rft.plan import plan
-
-    path = tmp_path / "grpo.yaml"
-    path.write_text(yaml.safe_dump({"model": "unused", "lora": False, "dtype": "fp32", "num_generations": 2,
-                                    "max_completion_length": 4, "grad_accum": 1}))
-    from audio_rft.plan import shapes_for_preset
     import audio_rft.plan as plan_module
+    from audio_rft.plan import GIB, plan, shapes_for_preset
 
-    shapes = shapes_for_preset("tiny")
-    original = plan_module._model_shapes
-    plan_module._model_shapes = lambda model, stages: shapes
-    try:
-        roomy, = plan(path, gpu_gb=80, prompt_tokens=120, device="cpu", trace=True)
-        small, = plan(path, gpu_gb=roomy["trace"]["total_bytes"] / 2**30 * 0.5, prompt_tokens=120, device="cpu",
-                      trace=True)
-    finally:
-        plan_module._model_shapes = original
-    assert roomy["fits_by"] == "trace" and roomy["fits"]
-    assert small["fits_by"] == "trace" and not small["fits"]
-    assert "does NOT fit" in small["verdict"]
+    path = tmp_path / "sft.yaml"
+    path.write_text(yaml.safe_dump({"model": "the-tiny-preset", "lora": False, "dtype": "fp32", "grad_accum": 1,
+                                    "batch_size": 1, "max_target_tokens": 4}))
+    monkeypatch.setattr(plan_module, "_model_shapes", lambda model, stages: shapes_for_preset("tiny"))
+    gpu_gib = 0.01
+    result, = plan(path, gpu_gb=gpu_gib, kind="sft", prompt_tokens=110, device="cpu", trace=True)
+    assert result["fits_by"] == "trace"
+    assert result["trace"]["total_bytes"] > gpu_gib * GIB and not result["fits"]
+    assert "does NOT fit" in result["verdict"]
