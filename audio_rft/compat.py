@@ -117,3 +117,110 @@ def declares_tied_weights(model_class) -> bool:
     """Whether a model class can tie lm_head to the input embeddings (transformers 5.x: Qwen2-Audio cannot, so a
     config's tie_word_embeddings is ignored). Checked with transformers 5.24.0 (`_tied_weights_keys`)."""
     return bool(getattr(model_class, "_tied_weights_keys", None))
+
+
+# ---------------------------------------------------------------- torch internals the trace needs (audio_rft.trace)
+# Checked with torch 2.13.0 (tests/test_compat.py and tests/test_trace.py run each).
+
+
+def is_fake(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a FakeTensor (shape, dtype and device, no data). Checked with torch 2.13.0
+    (torch._subclasses.fake_tensor.is_fake)."""
+    from torch._subclasses.fake_tensor import is_fake as _is_fake
+
+    return _is_fake(tensor)
+
+
+from contextlib import contextmanager  # noqa: E402
+
+
+@contextmanager
+def fake_mode(enabled: bool = True):
+    """FakeTensorMode for a whole traced step, with DTensor's sharding propagation on a fake mode of its own.
+
+    Propagation otherwise reuses the outer fake mode (torch.distributed.tensor._sharding_prop.detect_fake_mode)
+    and the memory trackers count its global-size temporaries as if they were allocated (a foreach AdamW step
+    came out 13.5 times too large). Module.to() on fake parameters assigns new ones instead of swapping
+    tensors in place (which fake tensors refuse: "has weakref associated with it"). Checked with torch 2.13.0."""
+    if not enabled:
+        yield None
+        return
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed.tensor import _sharding_prop
+
+    detect = _sharding_prop.detect_fake_mode
+    overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
+    _sharding_prop.detect_fake_mode = lambda *args, **kwargs: None
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            yield mode
+    finally:
+        _sharding_prop.detect_fake_mode = detect
+        torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
+
+
+@contextmanager
+def fake_process_group(world: int):
+    """A default process group of `world` ranks in which this process is rank 0 and collectives return at
+    once (torch.testing._internal.distributed.fake_pg: the "fake" backend and FakeStore), with FSDP2's default
+    mesh over it on the CPU. Checked with torch 2.13.0 (fsdp._fully_shard._fully_shard._init_default_mesh)."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp._fully_shard import _fully_shard
+
+    if dist.is_initialized():
+        raise RuntimeError("a process group is already initialised; the trace needs its own")
+    dist.init_process_group("fake", rank=0, world_size=world, store=FakeStore())
+    # fully_shard without a mesh builds the default one on first use, and built inside a FakeTensorMode its
+    # rank table is fake (reading it fails): built here, before any fake mode, and handed to it instead
+    mesh = init_device_mesh("cpu", (world,))
+    default_mesh = _fully_shard._init_default_mesh
+    _fully_shard._init_default_mesh = lambda *args, **kwargs: mesh
+    try:
+        yield
+    finally:
+        _fully_shard._init_default_mesh = default_mesh
+        dist.destroy_process_group()
+
+
+def fake_materialize(model: torch.nn.Module, fake: bool = True) -> None:
+    """Give a model built on the `meta` device CPU storage: fake tensors inside an active FakeTensorMode, else
+    real ones with random values (for checking a trace against a real run). Parameters keep their
+    requires_grad, and PEFT's adapters the dtype it gave them. Checked with torch 2.13.0 (Module.to_empty)."""
+    model.to_empty(device="cpu")
+    if not fake:  # plausible values: norms at 1 and biases at 0, so activations keep their scale layer after layer
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if param.dim() > 1:
+                    param.normal_(0.0, 0.02)
+                else:
+                    param.fill_(1.0 if "norm" in name else 0.0)
+            for buffer in model.buffers():
+                if buffer.is_floating_point():
+                    buffer.uniform_(0.0, 1.0)
+
+
+def tracker_peak(tracker) -> tuple[int, dict]:
+    """An FSDPMemTracker's running peak (bytes, its snapshot) on its one device. Checked with torch 2.13.0
+    (MemTracker._peak_mem, _peak_mem_snap)."""
+    if not tracker._peak_mem:
+        return 0, {}
+    device = next(iter(tracker._peak_mem))
+    return tracker._peak_mem[device], dict(tracker._peak_mem_snap.get(device, {}))
+
+
+def tracker_restart_peak(tracker, saved: tuple[int, dict] | None = None) -> tuple[int, dict]:
+    """Restart an FSDPMemTracker's running peak at its current total (or put back a `saved` one); returns the
+    peak it had. Checked with torch 2.13.0 (MemTracker._peak_mem, _peak_mem_snap, _curr_mem_snap)."""
+    before = tracker_peak(tracker)
+    if saved is not None:
+        if tracker._peak_mem:
+            device = next(iter(tracker._peak_mem))
+            tracker._peak_mem[device], tracker._peak_mem_snap[device] = saved[0], dict(saved[1])
+        return before
+    for device, snap in tracker._curr_mem_snap.items():
+        tracker._peak_mem[device], tracker._peak_mem_snap[device] = snap["Total"], dict(snap)
+    return before

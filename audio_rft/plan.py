@@ -441,6 +441,22 @@ def format_table(name: str, result: dict, gpu_gb: float) -> str:
         lines.append(f"  {'per GPU by strategy, ' + str(gpus) + ' GPU' + ('s' if gpus > 1 else ''):<34}" + " | ".join(cells))
     for note in result["notes"]:
         lines.append(f"  note: {note}")
+    if result.get("launch"):
+        lines.append(f"  launch: {result['launch']['text']}")
+    traced_lines = format_trace(result)
+    if traced_lines:
+        lines.append(traced_lines)
+    return "\n".join(lines)
+
+
+def fit_summary(results: list[dict], gpu_gb: float) -> str:
+    """One line per stage: strategy, processes, per-GPU figure (traced where traced) and whether it fits."""
+    lines = [f"summary on {gpu_gb:g} GB GPUs (per GPU; 'trace' where traced, else the formula's first estimate):"]
+    for r in results:
+        launch = r.get("launch") or {"processes": r.get("gpus", 1)}
+        lines.append(f"  {r['name']:<14}{r['strategy']:<6} x{launch['processes']:<3}{r['per_gpu_gib']:>8.2f} GiB "
+                     f"({r['fits_by']}{', formula ' + format(r['formula_gib'], '.2f') if r['fits_by'] == 'trace' else ''})"
+                     f"  {'fits' if r['fits'] else 'does NOT fit'}")
     return "\n".join(lines)
 
 
@@ -504,30 +520,97 @@ def plan_targets(path: str | Path, kind: str = "auto",
     return targets, pipe.stages
 
 
+def stage_launch(name: str, config, stage, pipeline: Path | None, gpus: int | None):
+    """The processes and strategy a stage runs under (audio_rft.launch): its `launch:` line as written, or as
+    rewritten for `gpus` GPUs; a single-stage config (no pipeline) runs on `gpus` processes (default 1)."""
+    from audio_rft.launch import Launch, for_gpus, launched
+
+    if stage is None:
+        processes = gpus or 1
+        return Launch(processes, resolve_strategy(config.strategy, processes, getattr(config, "zero_stage", 3)), None)
+    launch = launched(stage.launch, config, pipeline, f"{pipeline}: stage {name!r}")
+    return launch if gpus is None else for_gpus(launch, gpus, config, pipeline)
+
+
 def plan(path: str | Path, gpu_gb: float = 80.0, kind: str = "auto", prompt_tokens: int = 830, device: str = "cuda",
-         overrides: list[str] | tuple[str, ...] = (), model: str | None = None, gpus: int = 1,
-         strategy: str | None = None) -> list[dict]:
-    """Per stage: the estimate under `strategy` (default: the stage config's) on `gpus` GPUs, with
-    `per_gpu_gib` and `fits`, and `strategies`: the same for ddp, fsdp and zero3 side by side."""
+         overrides: list[str] | tuple[str, ...] = (), model: str | None = None, gpus: int | None = None,
+         strategy: str | None = None, trace: bool = False) -> list[dict]:
+    """Per stage: the estimate under the strategy the stage runs under (its `launch:` line, or `strategy` when
+    given) on its processes (the launch line's, or `gpus`), with `per_gpu_gib` and `fits`, and `strategies`: the
+    same for ddp, fsdp and zero3 side by side. With `trace`, one step traced at full size (audio_rft.trace) beside
+    the formula: the traced figure decides `fits`."""
     targets, stages = plan_targets(path, kind, overrides)
+    by_name = {stage.name: stage for stage in stages}
+    pipeline = Path(path) if stages else None
     results = []
     for name, stage_kind, config in targets:
         target_model = model or config.model
         if not target_model:
             raise UserError(f"{name}: no model in the config; pass --model")
         shapes = _model_shapes(target_model, stages)
-        result = estimate(stage_kind, config, shapes, prompt_tokens, device, gpus, strategy)
-        others = {label: estimate(stage_kind, config, shapes, prompt_tokens, device, gpus, label)
+        launch = stage_launch(name, config, by_name.get(name), pipeline, gpus)
+        processes = launch.processes
+        result = estimate(stage_kind, config, shapes, prompt_tokens, device, processes, strategy or launch.strategy)
+        others = {label: estimate(stage_kind, config, shapes, prompt_tokens, device, processes, label)
                   for label in SIDE_BY_SIDE}
         result.update(name=name, model=target_model, shapes_source=shapes["source"], gpu_gb=gpu_gb,
+                      launch={"command": launch.command, "text": launch.text, "processes": processes,
+                              "strategy": launch.strategy},
                       verdict=verdict(result["total_bytes"], gpu_gb), per_gpu_gib=round(result["total_bytes"] / GIB, 2),
-                      fits=fits(result["total_bytes"], gpu_gb),
+                      fits=fits(result["total_bytes"], gpu_gb), fits_by="formula",
+                      formula_gib=round(result["total_bytes"] / GIB, 2),
                       strategies={label: {"strategy": other["strategy"],
                                           "per_gpu_gib": round(other["total_bytes"] / GIB, 2),
                                           "fits": fits(other["total_bytes"], gpu_gb)}
                                   for label, other in others.items()})
+        if trace:
+            result["trace"] = traced(stage_kind, config, shapes, processes, result["strategy"], prompt_tokens, device)
+            if "peak_bytes" in result["trace"]:
+                total = result["trace"]["total_bytes"]
+                result.update(per_gpu_gib=round(total / GIB, 2), fits=fits(total, gpu_gb), fits_by="trace",
+                              verdict=verdict(total, gpu_gb))
         results.append(result)
     return results
+
+
+def traced(kind: str, config, shapes: dict, processes: int, strategy: str, prompt_tokens: int, device: str) -> dict:
+    """audio_rft.trace.trace_step for a stage, plus the CUDA context; or why it cannot be traced."""
+    from audio_rft.trace import TRACEABLE, trace_step
+
+    if strategy not in TRACEABLE:
+        return {"skipped": f"{strategy} cannot be traced on fake tensors (DeepSpeed allocates real buffers): "
+                           "the formula stands"}
+    result = trace_step(kind, config, shapes, processes, strategy, prompt_tokens)
+    result["cuda_context_bytes"] = CUDA_CONTEXT_BYTES if device != "cpu" else 0
+    result["total_bytes"] = result["peak_bytes"] + result["cuda_context_bytes"]
+    return result
+
+
+def format_trace(result: dict) -> str:
+    """The traced peak and its breakdown, beside the formula's total."""
+    trace = result.get("trace")
+    if trace is None:
+        return ""
+    if "skipped" in trace:
+        return f"  traced: not traced ({trace['skipped']})"
+    formula = result["formula_gib"]
+    total = trace["total_bytes"] / GIB
+    gap = (formula - total) / total if total else 0.0
+    lines = [f"  {'traced peak per GPU':<34}{trace['peak_bytes'] / GIB:>9.2f} GiB  ({trace['counted_by']}; "
+             f"{'ddp traced as one process' if trace['traced_as'] != trace['strategy'] else trace['strategy']}"
+             f"{' on ' + str(trace['world']) + ' simulated GPUs' if trace['traced_as'] == 'fsdp' else ''}; "
+             f"2 steps, {sum(trace['step_seconds']):.0f} s)"]
+    for key, value in trace["breakdown"].items():
+        if value >= GIB / 100:
+            lines.append(f"    {key:<32}{value / GIB:>9.2f} GiB")
+    phases = ", ".join(f"{k} {v:.2f}" for k, v in trace["phase_peaks_gib"].items())
+    lines.append(f"    {'peak by phase (GiB)':<32}{phases}")
+    if trace["cuda_context_bytes"]:
+        lines.append(f"  {'+ CUDA context':<34}{trace['cuda_context_bytes'] / GIB:>9.2f} GiB")
+    lines.append(f"  {'traced total per GPU':<34}{total:>9.2f} GiB: {verdict(trace['total_bytes'], result['gpu_gb'])}"
+                 f" (formula {formula:.2f} GiB, {gap:+.0%})")
+    lines.append(f"  rollout {trace['rollout']}")
+    return "\n".join(lines)
 
 
 def add_parser(subparsers, command: str) -> None:
@@ -538,7 +621,18 @@ def add_parser(subparsers, command: str) -> None:
                     "with --gpus N, side by side for ddp, fsdp and zero3 (sharded state divided by N).")
     parser.add_argument("--config", required=True, help="stage config YAML or pipeline YAML")
     parser.add_argument("--gpu-gb", type=float, default=80.0, help="GPU memory in GiB")
-    parser.add_argument("--gpus", type=int, default=1, help="GPUs (processes) the stage runs on")
+    parser.add_argument("--gpus", type=int,
+                        help="GPUs (processes) each stage runs on (default: a pipeline stage's `launch:` line, one "
+                             "process without one; 1 for a single-stage config): the launch line's process count is "
+                             "replaced, one GPU runs the stage in-process")
+    parser.add_argument("--trace", action="store_true",
+                        help="also trace one step of each stage at full size (fake tensors, a fake process group of "
+                             "the stage's world size; ddp and none as one process): the traced per-GPU peak and its "
+                             "breakdown beside the formula, and the trace decides whether it fits (minutes)")
+    parser.add_argument("--summary", action="store_true", help="print only the one-line-per-stage summary")
+    parser.add_argument("--write-pipeline", metavar="FILE",
+                        help="write the pipeline for --gpus GPUs: each launch line with that process count, the stages "
+                             "that do not fit (and what reads from them) left out; prints what each stage gets")
     parser.add_argument("--strategy", choices=STRATEGY_CHOICES,
                         help="strategy of the term-by-term table (default: the stage config's `strategy`; auto is "
                              "ddp on several GPUs, else none; deepspeed takes the config's zero_stage); ddp, fsdp "
@@ -554,13 +648,26 @@ def add_parser(subparsers, command: str) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides: key=value for a stage config, STAGE.KEY=VALUE for a pipeline (as audio-rft run), e.g. grpo.num_generations=16")
 
     def run(args: argparse.Namespace) -> int:
-        results = plan(args.config, args.gpu_gb, args.kind, args.prompt_tokens, args.device, args.overrides, args.model,
-                       args.gpus, args.strategy)
-        print("\n\n".join(format_table(r["name"], r, args.gpu_gb) for r in results))
-        if args.json:
-            from audio_rft.fileio import atomic_write_json
+        from audio_rft.fileio import atomic_write_json, atomic_write_text
 
+        if args.write_pipeline and not args.gpus:
+            raise UserError("--write-pipeline needs --gpus N (the GPUs the pipeline will run on)")
+        results = plan(args.config, args.gpu_gb, args.kind, args.prompt_tokens, args.device, args.overrides, args.model,
+                       args.gpus, args.strategy, args.trace)
+        if not args.summary:
+            print("\n\n".join(format_table(r["name"], r, args.gpu_gb) for r in results) + "\n")
+        print(fit_summary(results, args.gpu_gb))
+        if args.json:
             atomic_write_json(Path(args.json), {"stages": results})
+        if args.write_pipeline:
+            import yaml
+
+            from audio_rft.launch import fitted_pipeline
+
+            data, lines = fitted_pipeline(args.config, results, args.gpus)
+            atomic_write_text(Path(args.write_pipeline), yaml.safe_dump(data, sort_keys=False, width=120))
+            print(f"\n{args.write_pipeline}: the pipeline on {args.gpus} GPU{'s' if args.gpus > 1 else ''}:")
+            print("\n".join(f"  {line}" for line in lines))
         return 0
 
     parser.set_defaults(func=run)

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from audio_rft import UserError
-from audio_rft.compat import (CacheLayer, audio_output_lengths, bidirectional_mask, lm_forward, output_cache,
+from audio_rft.compat import (CacheLayer, audio_output_lengths, bidirectional_mask, is_fake, lm_forward, output_cache,
                               prompt_cache, repeat_cache)
 from audio_rft.data.audio import read_wav
 from audio_rft.data.dataset import resolve_audio
@@ -117,12 +117,17 @@ def prompt_embeddings(core, batch: PromptBatch) -> torch.Tensor:
     hidden = batch.audio_hidden if batch.audio_hidden is not None else encode_audio(core, batch)
     _, audio_lengths = audio_output_lengths(qwen.audio_tower, batch.feature_attention_mask.sum(-1))
     features = qwen.multi_modal_projector(hidden)
-    keep = torch.arange(features.shape[1], device=embeds.device)[None, :] < audio_lengths[:, None]
-    features = features[keep]
     placeholders = batch.input_ids == core.config.audio_token_id
-    if int(placeholders.sum()) != features.shape[0]:
-        raise ValueError(f"audio tokens ({int(placeholders.sum())}) and audio features ({features.shape[0]}) do not match")
-    return embeds.masked_scatter(placeholders[..., None], features.to(embeds.dtype))
+    if not is_fake(placeholders):  # fake tensors (audio_rft.trace) carry no data to check
+        counts = placeholders.sum(1)
+        if not torch.equal(counts, audio_lengths.to(counts.device)):
+            raise ValueError(f"audio tokens ({int(counts.sum())}) and audio features ({int(audio_lengths.sum())}) "
+                             "do not match")
+    # The k-th placeholder of a row takes the row's k-th audio frame: the same copy as masked_scatter of the valid
+    # frames (Qwen2AudioModel.forward), in shapes that do not depend on the data, so it also runs on fake tensors.
+    frame = (placeholders.cumsum(1) - 1).clamp(min=0)
+    gathered = features.gather(1, frame[..., None].expand(-1, -1, features.shape[-1]))
+    return torch.where(placeholders[..., None], gathered.to(embeds.dtype), embeds)
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:

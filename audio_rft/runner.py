@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -145,7 +146,8 @@ def run_pipeline(pipe: Pipeline, force: list[str] | tuple[str, ...] = (), dry_ru
                 if action == "skip" and any(d in will_run for d in stage.deps):
                     action, reason = "fresh", "an input will rerun"
                 _print(f"[{i}/{total}] {stage.name} ({stage.kind}): "
-                       + ("up to date" if action == "skip" else f"would run ({reason})"))
+                       + ("up to date" if action == "skip" else f"would run ({reason})")
+                       + (f"; launch: {shlex.join(stage.launch)}" if stage.launch else ""))
                 if action != "skip":
                     will_run.add(stage.name)
                 outcomes.append(Outcome(stage.name, stage.kind, "up to date" if action == "skip" else "would run"))

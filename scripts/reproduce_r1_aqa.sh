@@ -14,19 +14,24 @@
 #   MMAU_AUDIO    the folder holding test-mini-audios/ (default: MMAU_JSON's folder)
 #   PAPER_TABLE   CSV of the paper's Table 1 to show beside ours (default: none)
 #   OUT           run folder (default runs/r1-aqa)
-#   GPUS          processes per training stage (default: every visible GPU); more than 1 runs the sft/grpo
-#                 stages with `accelerate launch --config_file pipelines/accelerate/ddp.yaml --num_processes GPUS`
+#   GPUS          GPUs to run on (default: every visible GPU; 1 when none is visible). Each training stage keeps
+#                 its own `launch:` strategy (r1-aqa.yaml: LoRA stages on DDP, full fine-tuning on FSDP2) with
+#                 its process count set to GPUS; with GPUS=1 every stage runs in-process, and the stages that
+#                 do not fit one GPU are left out, with what reads from them (`audio-rft plan` decides and says
+#                 why). The pipeline actually run is written to OUT/pipeline-GPUSgpu.yaml.
+#   GPU_GB        memory per GPU in GiB, for that decision (default 80)
+#   TRACE         1: decide from a traced step of each stage (`audio-rft plan --trace`, minutes on a CPU)
+#                 instead of the formula's estimate
 #   PIPELINE      pipeline file (default pipelines/r1-aqa.yaml)
 #   AUDIO_RFT     the command (default audio-rft)
 # Arguments are passed on to `audio-rft run` (overrides such as grpo.max_steps=500, --force, --dry-run).
 #
-# Before the first run, size the GPU memory: audio-rft plan --config pipelines/r1-aqa.yaml [--gpu-gb 141]
-# (full fine-tuning, the sft-full stage, does not fit on an 80 GB GPU: delete it and its eval variant).
+# `--dry-run` prints the launch each stage gets on GPUS GPUs (and which are left out), then runs nothing.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 die() { echo "reproduce_r1_aqa.sh: $*" >&2; exit 2; }
-if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0; fi
 
 PIPELINE=${PIPELINE:-$here/pipelines/r1-aqa.yaml}
 OUT=${OUT:-runs/r1-aqa}
@@ -59,22 +64,22 @@ overrides=(
 if [[ -z ${GPUS:-} ]]; then
   GPUS=0
   if command -v nvidia-smi >/dev/null; then GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); fi
+  if [[ $GPUS -eq 0 ]]; then
+    echo "reproduce_r1_aqa.sh: warning: no GPU visible (nvidia-smi); planning for one GPU (the 7B will be very slow)" >&2
+    GPUS=1
+  fi
 fi
-if [[ $GPUS -gt 1 ]]; then
-  launch="accelerate launch --config_file $here/pipelines/accelerate/ddp.yaml --num_processes $GPUS"
-  # every sft/grpo stage the pipeline has (one may have been deleted to fit the GPU)
-  mapfile -t training < <(python -c '
-import sys, yaml
-for stage in yaml.safe_load(open(sys.argv[1]))["stages"]:
-    if stage.get("kind") in ("sft", "grpo"):
-        print(stage["name"])' "$PIPELINE")
-  for stage in "${training[@]}"; do
-    overrides+=("$stage.launch=$launch")
-  done
-  echo "training stages (${training[*]}): $GPUS processes each ($launch)"
-elif [[ $GPUS -eq 0 ]]; then
-  echo "reproduce_r1_aqa.sh: warning: no GPU visible (nvidia-smi); the 7B will be very slow or will not fit" >&2
-fi
+[[ $GPUS =~ ^[1-9][0-9]*$ ]] || die "GPUS=$GPUS: give a number of GPUs (1 or more)"
+
+# `audio-rft plan` reads each training stage's launch line, sets its process count to GPUS (one GPU: in-process),
+# estimates each stage's memory per GPU, and writes the pipeline without the stages that do not fit.
+plan_overrides=("${overrides[@]}")
+for arg in "$@"; do [[ $arg == *=* && $arg != -* ]] && plan_overrides+=("$arg"); done
+mkdir -p "$OUT"
+fitted=$OUT/pipeline-${GPUS}gpu.yaml
+plan_flags=(--gpus "$GPUS" --gpu-gb "${GPU_GB:-80}" --summary --write-pipeline "$fitted")
+[[ ${TRACE:-0} == 1 ]] && plan_flags+=(--trace)
+"${CLI[@]}" plan --config "$PIPELINE" "${plan_flags[@]}" "${plan_overrides[@]}"
 
 set -x
-exec "${CLI[@]}" run "$PIPELINE" --out "$OUT" "${overrides[@]}" "$@"
+exec "${CLI[@]}" run "$fitted" --out "$OUT" "${overrides[@]}" "$@"

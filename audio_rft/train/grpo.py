@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from audio_rft import UserError
+from audio_rft.compat import is_fake
 from audio_rft.config import option
 from audio_rft.train.common import TrainConfig, oom_advice, parse_train_args, print_result, start_run
 
@@ -99,8 +100,10 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, ref_log
     with torch.no_grad():
         clipped = ((ratio < 1 - epsilon_low) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
         tokens = mask.sum().clamp(min=1)
-        stats = {"kl": float((kl * mask).sum() / tokens), "clip_ratio": float((clipped * mask).sum() / tokens)}
-    return loss, stats
+        stats = {"kl": (kl * mask).sum() / tokens, "clip_ratio": (clipped * mask).sum() / tokens}
+    if is_fake(loss):  # a traced step (audio_rft.trace): no values to read
+        return loss, stats
+    return loss, {key: float(value) for key, value in stats.items()}
 
 
 def prompt_generators(seed: int, step: int, indices: list[int]) -> list[torch.Generator]:

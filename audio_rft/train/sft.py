@@ -71,7 +71,11 @@ def sft_nll(core, batch, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.T
     """Mean negative log-likelihood of the target tokens given audio + prompt, and how many tokens."""
     from audio_rft.rollout import completion_logprobs
 
+    from audio_rft.compat import is_fake
+
     logprobs = completion_logprobs(core, batch, ids, 1)
+    if is_fake(mask):  # a traced step (audio_rft.trace): no values to count; every target token is real there
+        return -(logprobs * mask).sum() / mask.numel(), mask.numel()
     tokens = int(mask.sum())
     return -(logprobs * mask).sum() / tokens, tokens
 
