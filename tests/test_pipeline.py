@@ -305,6 +305,9 @@ def test_r1_aqa_pipeline_resolves_without_running(tmp_path):
     assert all(isinstance(c, InferConfig) and c.data == str(tmp_path / "r1" / "mmau") for c in variants.values())
     assert variants["grpo"].adapter == str(tmp_path / "r1" / "grpo" / "final") and variants["grpo-no-audio"].ablate_audio
     assert {c.extract for c in variants.values()} == {"r1-aqa"}  # the paper's answer extraction
+    # R1-AQA's test script decodes up to 256 new tokens; the think variant allows more
+    assert {n: c.max_new_tokens for n, c in variants.items() if n != "grpo-think"} == dict.fromkeys(
+        [n for n in variants if n != "grpo-think"], 256)
     assert stage_of(pipe, "report").config.paper_table is None  # the user's copy of their table, when they have one
     outcomes = run_pipeline(pipe, dry_run=True)  # touches nothing
     assert [o.status for o in outcomes] == ["would run"] * len(outcomes) and not (tmp_path / "r1").exists()
