@@ -252,3 +252,22 @@ def test_training_curves_are_drawn_and_embedded(tmp_path):
     assert "## Training curves" in md and "### grpo, grpo-no-audio" in md and "(curves-grpo.png)" in md
     report = build_report([("base", base)], tmp_path / "out2", resamples=50, training={})
     assert report["training_curves"] == [] and "## Training curves" not in (tmp_path / "out2" / "report.md").read_text()
+
+
+def test_report_names_the_data_version_and_beside_a_paper_table_the_papers(tmp_path):
+    table = tmp_path / "paper.csv"
+    table.write_text("model,method,prompt,sound,music,speech,average,source\nQwen2-Audio,GRPO,2,69.37,66.77,57.36,64.50,paper\n")
+    today = {"builder": "mmau", "content_sha256": "c" * 64, "benchmark": "mmau-test-mini", "known": True,
+             "commit": "f0a4a97d2b56", "date": "2025-08-09", "latest": True, "sha256": "9f18fda9"}
+    right = np.arange(30) % 2 == 0
+    a = _write(tmp_path, "a", _items(30, right), meta={"benchmark_version": today})
+    b = _write(tmp_path, "b", _items(30, right), meta={"benchmark_version": today})
+    report = build_report([("a", a), ("b", b)], tmp_path / "r", paper_table=table)
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "Data: MMAU test-mini f0a4a97d2b56 (2025-08-09, the newest known)." in md
+    assert "the paper was scored on MMAU test-mini a5cd89afa3f5 (2025-01-28)" in md and "364 of 1,000 items differ" in md
+    assert report["data_versions"]["by_variant"] == {"a": today, "b": today}
+    # no paper table: the data line alone; a file without meta says it cannot tell
+    c = _write(tmp_path, "c", _items(30, right))
+    md = (build_report([("a", a), ("c", c)], tmp_path / "r2"), (tmp_path / "r2" / "report.md").read_text())[1]
+    assert "Data (c): a dataset of unknown version" in md and "paper was scored" not in md

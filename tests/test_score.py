@@ -160,7 +160,8 @@ def test_cli_prints_and_writes(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "Task-wise Accuracy:" in proc.stdout and "Total Accuracy: 50.00% over 2 samples" in proc.stdout
     written = json.loads(out.read_text())
-    assert set(written) == {"summary", "samples", "key", "extract", "raw_output"}
+    assert set(written) == {"summary", "samples", "key", "extract", "raw_output", "benchmark_version", "rule"}
+    assert written["benchmark_version"] is None and written["rule"] == "mmau"  # no meta file beside it
     assert written["samples"] == [{"id": "q0", "match": 1}, {"id": "q1", "match": 0}]
     assert written["summary"]["total_accuracy"] == 50.0 and written["summary"]["n"] == 2
     assert written["raw_output"] is None  # no item has model_output: nothing raw to score

@@ -146,6 +146,24 @@ def resolve_audio(folder: str | Path, sample: Sample) -> Path:
     return full
 
 
+def benchmark_version(folder: str | Path) -> dict | None:
+    """What a prepared dataset was built from, for predictions to carry: the builder, the content hash and, for a
+    benchmark's metadata file, which release of it (manifest params `benchmark_version`: commit, date, known);
+    None for an unreadable manifest."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict):
+        return None
+    params = manifest.get("params") if isinstance(manifest.get("params"), dict) else {}
+    version = params.get("benchmark_version") if isinstance(params.get("benchmark_version"), dict) else {}
+    described = {"builder": manifest.get("builder"), "content_sha256": manifest.get("content_sha256"), **version}
+    if manifest.get("builder") == "synth":
+        described.update(generator=params.get("version"), seed=params.get("seed"))
+    return described
+
+
 def load_dataset(folder: str | Path, limit: int | None = None) -> list[Sample]:
     """Read a prepared dataset's samples; any bad line is a UserError naming file, line and field."""
     path = Path(folder) / DATA_FILE

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from audio_rft import UserError
 from audio_rft.answers import EXTRACTORS, extractor
 from audio_rft.config import config_to_dict, option
-from audio_rft.data.dataset import load_dataset
+from audio_rft.data.dataset import benchmark_version, load_dataset
 from audio_rft.data.schema import Sample
 from audio_rft.fileio import atomic_write_json
 from audio_rft.prompts import check_mode
@@ -106,7 +106,8 @@ def run_inference(config: InferConfig) -> Path:
     # What the saved outputs depend on; `extract` is applied afterwards, so changing it reuses them.
     generation = {k: v for k, v in config_to_dict(config).items() if k != "extract"}
     meta = {"model": config.model, "adapter": config.adapter, "prompt": config.prompt,
-            "ablate_audio": config.ablate_audio, "data": str(folder), "n": len(samples), "config": generation}
+            "ablate_audio": config.ablate_audio, "data": str(folder), "n": len(samples), "config": generation,
+            "benchmark_version": benchmark_version(folder)}
     done: dict[int, tuple[str, int]] = {}
     if partial.exists():
         data, whole = partial.read_bytes(), 0  # whole: bytes of the whole lines read

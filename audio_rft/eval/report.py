@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from collections import Counter, defaultdict
 from itertools import combinations
 from pathlib import Path
@@ -302,6 +303,7 @@ def build_report(runs: list[tuple[str, str | Path]], out_dir: str | Path, paper_
         "paired_tests": _paired_tests(loaded, columns, resamples, seed),
         "paper_table": read_paper_table(paper_table) if paper_table else [],
         "paper_table_note": PAPER_CAVEAT if paper_table else None,
+        "data_versions": _data_versions(loaded, bool(paper_table)),
         "files": {"markdown": "report.md", "csv": "report.csv", "accuracy_chart": "accuracy.png", "answers_chart": "answers.png"},
     }
     out_dir = Path(out_dir)
@@ -311,6 +313,22 @@ def build_report(runs: list[tuple[str, str | Path]], out_dir: str | Path, paper_
     if write:
         write_report(out_dir, report)
     return report
+
+
+def _data_versions(variants: list[dict], paper_table: bool) -> dict:
+    """What each variant was scored on (its predictions' benchmark_version), as lines for the report; with a paper
+    table, the line that says which MMAU version the paper used against this run's, and how many items differ."""
+    from audio_rft.data.mmau_versions import describe, paper_line
+
+    by_variant = {v["name"]: v["meta"].get("benchmark_version") for v in variants}
+    distinct = list({json.dumps(x, sort_keys=True): x for x in by_variant.values()}.values())
+    if len(distinct) == 1:
+        lines = [f"Data: {describe(distinct[0])}."]
+    else:
+        lines = [f"Data ({name}): {describe(x)}." for name, x in by_variant.items()]
+    if paper_table:
+        lines += [paper_line(x) for x in distinct]
+    return {"by_variant": by_variant, "lines": lines}
 
 
 def write_report(out_dir: str | Path, report: dict, appendix: str = "") -> None:
@@ -374,6 +392,7 @@ def render_markdown(report: dict) -> str:
     md = ["# Evaluation report", "",
           f"Scoring: {report['scoring']}. Cells: accuracy % [95% CI, {ci['method']}, {ci['resamples']:,} resamples, seed {ci['seed']}].",
           "Balanced accuracy: mean per-answer recall within each sub-category (a constant answer scores 1/K), item-weighted.", ""]
+    md += [*report.get("data_versions", {}).get("lines", []), ""]
     if not report["same_items"]:
         md += ["**Variants were not scored on the same items**: compare the paired tests (common items only), not the raw table.", ""]
     md += ["## Accuracy (%), laid out as the paper's Table 1", ""]
