@@ -45,6 +45,7 @@ class DatasetWriter:
         self.rejected: list[dict[str, Any]] = []
         self.seconds: dict[str, float] = {}
         self.cut: list[dict[str, Any]] = []
+        self.clips: dict[str, dict[str, Any]] = {}  # id -> where its audio came from (manifest `clips`)
         self.notes: dict[str, list[str]] = {}  # what a builder repaired in accepted items: kind -> ids
         self._ids: set[str] = set()
 
@@ -69,6 +70,15 @@ class DatasetWriter:
             raise SampleError(f"duplicate id (first one kept): {sample.id!r}")
         rel = f"{AUDIO_DIR}/{audio_filename(sample.id)}"
         write_wav(self.tmp / rel, waveform)
+        # Enough to tell whether two users evaluated the same audio: the source file's hash and format (None for
+        # generated audio), and the hash of the 16 kHz clip written here.
+        self.clips[sample.id] = {
+            "sha256": hashlib.sha256((self.tmp / rel).read_bytes()).hexdigest(),
+            "source_sha256": info.source_sha256 if info else None,
+            "source_sample_rate": info.original_sample_rate if info else SAMPLE_RATE,
+            "source_channels": info.original_channels if info else 1,
+            "source_seconds": round(info.original_seconds if info else len(waveform) / SAMPLE_RATE, 3),
+        }
         sample.audio = rel
         self._ids.add(sample.id)
         self.samples.append(sample)
@@ -120,6 +130,7 @@ class DatasetWriter:
                 "max": round(max(seconds), 3) if seconds else 0.0,
             },
             "cut_to_30s": self.cut,
+            "clips": self.clips,
             "notes": dict(sorted(self.notes.items())),
             "content_sha256": content_hash(self.tmp, self.samples),
         }

@@ -72,10 +72,12 @@ def describe(version: dict[str, Any] | None) -> str:
             return f"audio-rft's synthetic bench (generator {version.get('generator')}, seed {version.get('seed')}; {content})"
         return f"a {version.get('builder')} dataset, not a benchmark file of known version ({content})"
     if version["benchmark"] != "mmau-test-mini":
-        name = version["benchmark"]
-        if not version.get("known"):
-            return f"a {name} file not in the table of known versions (sha256 {str(version.get('sha256'))[:12]}…)"
-        return f"{name} {version.get('release')}"
+        name, digest = version["benchmark"], str(version.get("sha256"))[:12]
+        if version.get("known"):
+            return f"{name} {version.get('release')}"
+        if name == "mmar":
+            return f"an MMAR metadata file that is neither known release (sha256 {digest}…)"
+        return f"{name} metadata with sha256 {digest}… (no table of its releases is kept)"
     if not version.get("known"):
         return f"an MMAU test-mini file not in the table of known versions (sha256 {str(version.get('sha256'))[:12]}…)"
     return f"MMAU test-mini {version['commit']} ({version['date']}{', the newest known' if version.get('latest') else ''})"

@@ -25,7 +25,7 @@ from audio_rft.data.schema import Sample, SampleError
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("synth", "avqa", "mmau", "jsonl", "csv", "hf")
+SOURCES = ("synth", "avqa", "mmau", "mmar", "mmsu", "airbench", "jsonl", "csv", "hf")
 
 
 @dataclass
@@ -61,7 +61,7 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         return build_synth(Path(c.out), c.train, c.test, c.seed)
     if not c.input:
         raise UserError(f"prepare {c.source}: an input file is required")
-    if c.source != "hf" and not Path(c.input).is_file():
+    if c.source not in ("hf", "mmsu") and not Path(c.input).is_file():
         raise UserError(f"{c.input}: " + ("a folder, expected a file" if Path(c.input).is_dir() else "no such file"))
     if c.index_base not in (0, 1):
         raise UserError(f"index_base={c.index_base}: use 0 or 1")
@@ -73,6 +73,10 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         from audio_rft.data.mmau import build_mmau
 
         return build_mmau(c.input, c.out, c.audio_dir)
+    if c.source in ("mmar", "mmsu", "airbench"):
+        from audio_rft.data import benchmarks
+
+        return getattr(benchmarks, f"build_{c.source}")(c.input, c.out, c.audio_dir)
     from audio_rft.data.generic import build_hf, build_table
 
     common = dict(fields=c.fields, audio_dir=c.audio_dir, answer_index=c.answer_index, index_base=c.index_base,
@@ -204,6 +208,22 @@ SOURCE_HELP: dict[str, tuple[str, str | None, str, tuple[str, ...]]] = {
              "answer is withheld (the test split) are kept with answer null, for inference, and counted as "
              "`unanswered` in the manifest. A choice listed twice is dropped (noted in the manifest).",
              ("input", "out", "audio_dir")),
+    "mmar": ("MMAR's metadata (MMAR-meta.jsonl, or the first release's MMAR-meta.json)", "MMAR metadata file",
+             "Audio is found under audio_dir (the extracted mmar-audio.tar.gz; default: the input's folder) by each "
+             "item's audio_path (./audio/<name>.wav). The file's sha256 names its release in the manifest; the first "
+             "release's 6 items whose answer is no option are rejected. Score with `audio-rft score --rule mmar`.",
+             ("input", "out", "audio_dir")),
+    "mmsu": ("MMSU (the Hugging Face dataset ddwang2000/MMSU saved to disk, its parquet, or its rows as JSON/JSONL)",
+             "dataset folder, parquet file or JSON/JSONL file",
+             "Rows with id, question, choice_a..choice_d, answer_gt (the right option's text), category, "
+             "sub-category and audio (embedded bytes, or a path under audio_dir; or audio_path). Parquet and saved "
+             "datasets need the `datasets` package. Score with `audio-rft score --rule mmsu`.",
+             ("input", "out", "audio_dir")),
+    "airbench": ("AIR-Bench's foundation track (Foundation/Foundation_meta.json)", "Foundation_meta.json",
+                 "Audio is found under audio_dir at <task_name>_<dataset_name>/<path> (Audio_Grounding clips as "
+                 ".flac, as its inference script reads them); the id is uniq_id. Score with "
+                 "`audio-rft score --rule airbench`.",
+                 ("input", "out", "audio_dir")),
     "jsonl": ("your own JSONL file", "JSONL file",
               "INPUT holds one JSON object per line (a JSON list also works). Map its column names with --field; "
               "the answer is a choice's text, or its position with answer_index. Items without an id get "

@@ -82,12 +82,21 @@ def predict(core, processor, folder: str | Path, samples: list[Sample], mode: st
     return results  # type: ignore[return-value]
 
 
+# benchmark (a sample's source) -> the key its official scorer reads the prediction from
+BENCHMARK_PREDICTION_KEYS = {"mmar": "answer_prediction", "mmsu": "response", "airbench": "response"}
+
+
 def prediction_record(sample: Sample, text: str, tokens: int, mode: str, extract: str = "audio-rft") -> dict:
     record = sample.to_json()
     record["sub-category"] = record.get("sub_category")  # MMAU's own key, so its script reads the file unchanged
+    # A benchmark's own fields at the top level, as its official script reads them (ours win a clash of names).
+    for key, value in (record.pop("benchmark_fields", None) or {}).items():
+        record.setdefault(key, value)
     # Both keys, since MMAU's script has read either over its history: model_output raw, model_prediction extracted.
     record.update(model_output=text, model_prediction=extractor(extract)(text), prompt_mode=mode,
                   completion_tokens=tokens)
+    if sample.source in BENCHMARK_PREDICTION_KEYS:
+        record[BENCHMARK_PREDICTION_KEYS[sample.source]] = record["model_prediction"]
     return record
 
 
