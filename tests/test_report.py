@@ -271,3 +271,30 @@ def test_report_names_the_data_version_and_beside_a_paper_table_the_papers(tmp_p
     c = _write(tmp_path, "c", _items(30, right))
     md = (build_report([("a", a), ("c", c)], tmp_path / "r2"), (tmp_path / "r2" / "report.md").read_text())[1]
     assert "Data (c): a dataset of unknown version" in md and "paper was scored" not in md
+
+
+def test_choice_order_section_shows_a_position_biased_model(tmp_path):
+    """A model that always takes the first choice: its accuracy moves with the order, it is never consistent."""
+    right = np.ones(30, dtype=bool)
+    original = _items(30, right)  # right in the given order
+    for item in original:
+        item["choices"] = [item["answer"], *(c for c in PITCH if c != item["answer"])]
+    pred = _write(tmp_path, "grpo", original)
+    shifted = []
+    for item in original:
+        choices = item["choices"][1:] + item["choices"][:1]  # the answer moves to the last position
+        shifted.append({**item, "choices": choices, "model_prediction": choices[0], "model_output": choices[0],
+                        "choice_permutation": [1, 2, 0]})
+    _write(tmp_path, "grpo.perm1", shifted)
+    steady = _write(tmp_path, "steady", original)
+    _write(tmp_path, "steady.perm1", [{**s, "model_prediction": s["answer"], "model_output": s["answer"]} for s in shifted])
+    report = build_report([("grpo", pred), ("steady", steady)], tmp_path / "r")
+    biased, fine = (v["choice_order"] for v in report["variants"])
+    assert biased["accuracy"] == [100.0, 0.0] and (biased["mean"], biased["min"], biased["consistent"]) == (50.0, 0.0, 0.0)
+    assert biased["positions"]["predicted"] == {"1": 1.0} and biased["positions"]["gold"] == {"1": 0.5, "3": 0.5}
+    assert fine["accuracy"] == [100.0, 100.0] and fine["consistent"] == 100.0
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "## Choice order" in md and "| grpo | 100.00 | 0.00 | 50.00 | 0.00 | 0.00 | 30 |" in md
+    alone = _write(tmp_path, "alone", original)  # no perm file beside it: no choice-order figures, no section
+    report = build_report([("alone", alone)], tmp_path / "r3")
+    assert report["variants"][0]["choice_order"] is None and "## Choice order" not in (tmp_path / "r3" / "report.md").read_text()

@@ -143,7 +143,46 @@ def load_variant(name: str, pred_path: str | Path) -> dict:
         "prompt": prompt, "checkpoint": meta.get("adapter") or meta.get("model"),
         "control": bool(meta.get("ablate_audio")) or name.endswith("-no-audio"),
         "format_rate": _format_rate(items, prompt), **_completion_length(items),
+        "choice_orders": _choice_orders(pred_path, rows),
     }
+
+
+def _choice_orders(pred_path: Path, rows: list[dict]) -> list[list[dict]] | None:
+    """Per-item (match, chosen choice, chosen position, answer position) in the original order and in every
+    PRED.perm<k>.json that `infer shuffle_choices=K` wrote beside it; None when there are none."""
+    orders = [[{k: r[k] for k in ("key", "match", "predicted", "position", "gold_position")} for r in rows]]
+    k = 1
+    while (path := pred_path.with_name(f"{pred_path.stem}.perm{k}{pred_path.suffix}")).is_file():
+        order, seen = [], Counter()
+        for item in load_predictions(path):
+            match = item_match(item)
+            if match is None:
+                continue
+            seen[str(item.get("id"))] += 1
+            label, position = resolve_choice(prediction_text(item) or "", item["choices"])
+            order.append({"key": (str(item.get("id")), seen[str(item.get("id"))]), "match": match, "predicted": label,
+                          "position": position, "gold_position": item["choices"].index(item["answer"]) + 1})
+        orders.append(order)
+        k += 1
+    return orders if len(orders) > 1 else None
+
+
+def _choice_order_summary(orders: list[list[dict]] | None) -> dict | None:
+    """Accuracy per order (mean, min), the share of items given the same choice in every order, and where the
+    chosen choice sat against where the right one did, over all orders."""
+    if orders is None:
+        return None
+    by_key = [{r["key"]: r for r in order} for order in orders]
+    common = [key for key in by_key[0] if all(key in order for order in by_key[1:])]
+    accuracy = [_pct(sum(order[key]["match"] for key in common), len(common)) for order in by_key]
+    consistent = sum(len({order[key]["predicted"] for order in by_key}) == 1
+                     and by_key[0][key]["position"] is not None for key in common)
+    every = [order[key] for order in by_key for key in common]
+    return {"orders": len(orders), "n": len(common), "accuracy": accuracy,
+            "mean": round(float(np.mean(accuracy)), 2) if common else None,
+            "min": min(accuracy) if common else None, "consistent": _pct(consistent, len(common)),
+            "positions": {"predicted": _position_shares([r["position"] for r in every]),
+                          "gold": _position_shares([r["gold_position"] for r in every])}}
 
 
 def _format_rate(items: list[dict], default_mode: str | None) -> float | None:
@@ -255,6 +294,7 @@ def _summarise(v: dict, columns: list[str], resamples: int, seed: int) -> dict:
                                     "gold": _distribution([x["answer"] for x in r])} for s, r in subs.items()},
         "answer_position": {"predicted": _position_shares([r["position"] for r in rows]),
                             "gold": _position_shares([r["gold_position"] for r in rows])},
+        "choice_order": _choice_order_summary(v["choice_orders"]),
         "meta": v["meta"],
     }
 
@@ -445,6 +485,7 @@ def render_markdown(report: dict) -> str:
                      [[label(v), *(f"{v['answer_position']['predicted'].get(p, 0):.0%}" for p in positions)] for v in variants]
                      + [[f"right answers ({v['name']}'s items)", *(f"{v['answer_position']['gold'].get(p, 0):.0%}" for p in positions)]
                         for v in gold_rows])
+    md += _choice_order_section(variants)
     if report["paper_table"]:
         md += ["## The paper's numbers (theirs)", "", f"*{report['paper_table_note']}*", ""]
         md += _table(["model", "method", "prompt", "sound", "music", "speech", "average", "source"],
@@ -453,6 +494,31 @@ def render_markdown(report: dict) -> str:
     md += _curves_section(report.get("training_curves") or [])
     md += ["Charts: accuracy.png (accuracy with 95% CI whiskers), answers.png (predicted-answer shares per sub-category).", ""]
     return "\n".join(md)
+
+
+def _choice_order_section(variants: list[dict]) -> list[str]:
+    """Accuracy under each order of the choices (`infer shuffle_choices=K`), consistency, and chosen positions."""
+    shuffled = [v for v in variants if v.get("choice_order")]
+    if not shuffled:
+        return []
+    orders = max(v["choice_order"]["orders"] for v in shuffled)
+    md = ["## Choice order", "",
+          "Each item answered again with its choices in seeded random orders (the prompt shows them in that order). "
+          "A model that reads the choices, not their positions, scores the same in every order; consistent = the "
+          "same choice in every order.", ""]
+    md += _table(["variant", "original", *(f"order {k}" for k in range(1, orders)), "mean", "min", "consistent %", "n"],
+                 [[v["name"], *(_fmt(a) for a in v["choice_order"]["accuracy"]),
+                   *(["—"] * (orders - v["choice_order"]["orders"])), _fmt(v["choice_order"]["mean"]),
+                   _fmt(v["choice_order"]["min"]), _fmt(v["choice_order"]["consistent"]), v["choice_order"]["n"]]
+                  for v in shuffled])
+    positions = list(dict.fromkeys(p for v in shuffled for side in ("gold", "predicted")
+                                   for p in v["choice_order"]["positions"][side]))
+    positions = sorted((p for p in positions if p != "none"), key=int) + (["none"] if "none" in positions else [])
+    md += ["Chosen position against the right answer's, over all orders:", ""]
+    md += _table(["", *positions], [row for v in shuffled for row in (
+        [f"{v['name']}: chosen", *(f"{v['choice_order']['positions']['predicted'].get(p, 0):.0%}" for p in positions)],
+        [f"{v['name']}: right answer", *(f"{v['choice_order']['positions']['gold'].get(p, 0):.0%}" for p in positions)])])
+    return md
 
 
 def _raw_output_section(variants: list[dict]) -> list[str]:
