@@ -197,3 +197,37 @@ def load_dataset(folder: str | Path, limit: int | None = None) -> list[Sample]:
     if not samples:
         raise UserError(f"{path}: no samples")
     return samples
+
+
+def split_off_dev(source: str | Path, n: int, seed: int, train_out: str | Path, dev_out: str | Path) -> dict[str, Any]:
+    """Hold out `n` items of a prepared dataset, drawn by `seed`, as a dev split for choosing checkpoints: write
+    them to `dev_out` and the rest to `train_out` (each a prepared dataset; `train_out` may be `source` itself,
+    replaced when complete). Clips are copied sample for sample; each manifest records the split."""
+    from audio_rft.data.audio import read_wav
+
+    source = Path(source)
+    samples = load_dataset(source)
+    if not 0 < n < len(samples):
+        raise UserError(f"dev={n}: hold out between 1 and {len(samples) - 1} of the {len(samples)} items accepted")
+    manifest = json.loads((source / MANIFEST_FILE).read_text(encoding="utf-8"))
+    rejected_path = source / REJECTED_FILE
+    rejected = [json.loads(line) for line in rejected_path.read_text(encoding="utf-8").split("\n") if line.strip()] \
+        if rejected_path.is_file() else []
+    dev = set(np.random.default_rng(seed).choice(len(samples), n, replace=False).tolist())
+    cut = {c["id"]: c for c in manifest.get("cut_to_30s", [])}
+    clips = manifest.get("clips", {})
+    summaries = {}
+    for part, out, chosen in (("dev", dev_out, sorted(dev)), ("train", train_out, [i for i in range(len(samples)) if i not in dev])):
+        params = {**manifest.get("params", {}), "dev_split": {"part": part, "dev": n, "seed": seed, "of": len(samples)}}
+        with DatasetWriter(out, manifest.get("builder", "split"), params) as writer:
+            for i in chosen:
+                sample = Sample.from_json(samples[i].to_json())
+                writer.add(sample, read_wav(source / samples[i].audio))
+                if sample.id in clips:  # where the audio came from, not the copy's own provenance
+                    writer.clips[sample.id] = clips[sample.id]
+                if sample.id in cut:
+                    writer.cut.append(cut[sample.id])
+            if part == "train":
+                writer.rejected = rejected
+            summaries[part] = writer.summary()
+    return summaries

@@ -46,6 +46,9 @@ class PrepareConfig:
     train: int = option(2000, "synth: number of training items")
     test: int = option(500, "synth: number of test items")
     seed: int = option(0, "synth: random seed")
+    dev: int = option(0, "hold out N items, drawn by dev_seed, as a dev split for choosing checkpoints: synth takes "
+                         "them from train into DIR/dev; any other source writes DIR/train and DIR/dev")
+    dev_seed: int = option(0, "seed of the dev hold-out")
 
 
 def prepare(config: PrepareConfig) -> dict[str, Any]:
@@ -55,10 +58,20 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         raise UserError(f"unknown source {c.source!r}; choose one of {', '.join(SOURCES)}")
     if not c.out:
         raise UserError("prepare: `out` is required (the dataset folder to write: --out DIR or out=DIR)")
+    if c.dev < 0:
+        raise UserError(f"dev={c.dev}: give a number of items, 0 or more")
     if c.source == "synth":
         from audio_rft.data.synth import build_synth
 
-        return build_synth(Path(c.out), c.train, c.test, c.seed)
+        summaries = build_synth(Path(c.out), c.train, c.test, c.seed)
+        if c.dev:
+            from audio_rft.data.dataset import split_off_dev
+
+            out = Path(c.out)
+            summaries.update(split_off_dev(out / "train", c.dev, c.dev_seed, out / "train", out / "dev"))
+        return summaries
+    if c.dev:
+        return _with_dev(c)
     if not c.input:
         raise UserError(f"prepare {c.source}: an input file is required")
     if c.source not in ("hf", "mmsu") and not Path(c.input).is_file():
@@ -84,6 +97,26 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     if c.source == "hf":
         return build_hf(c.input, c.out, split=c.split, hf_split=c.hf_split, **common)
     return build_table(c.input, c.out, fmt=c.source, split=c.split or "train", delimiter=c.delimiter, **common)
+
+
+def _with_dev(c: PrepareConfig) -> dict[str, Any]:
+    """Build the whole dataset aside, then write DIR/train and DIR/dev from it in one atomic step."""
+    import shutil
+    import tempfile
+
+    from audio_rft.data.dataset import split_off_dev
+    from audio_rft.fileio import atomic_dir
+
+    out = Path(c.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    whole = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.whole-", suffix=".tmp"))
+    try:
+        prepare(dataclasses.replace(c, out=str(whole / "all"), dev=0))
+        with atomic_dir(out) as tmp:
+            parts = split_off_dev(whole / "all", c.dev, c.dev_seed, tmp / "train", tmp / "dev")
+    finally:
+        shutil.rmtree(whole, ignore_errors=True)
+    return {part: {**summary, "out": str(out / part)} for part, summary in parts.items()}
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -196,7 +229,7 @@ _TABLE = ("input", "out", "audio_dir", "fields", "answer_index", "index_base", "
 SOURCE_HELP: dict[str, tuple[str, str | None, str, tuple[str, ...]]] = {
     "synth": ("the built-in synthetic bench (nothing to download)", None,
               "Generates audio questions answerable only by listening, as DIR/train and DIR/test.",
-              ("out", "train", "test", "seed")),
+              ("out", "train", "test", "seed", "dev", "dev_seed")),
     "avqa": ("AVQA (the paper's training set)", "AVQA train_qa.json or R1-AQA JSONL",
              "INPUT is AVQA's own train_qa.json (a JSON list; audio found under audio_dir by audio_pattern) or "
              "R1-AQA's JSONL (the same objects plus `audio_path`, used as given unless audio_dir is set). \"video\" "
@@ -275,6 +308,7 @@ def _parse(source: str, argv: list[str]) -> tuple[PrepareConfig, Any]:
             raise UserError("prepare recipe: which FILE?")
     else:
         summary, needs_input, description, keys = SOURCE_HELP[source]
+        keys = tuple(dict.fromkeys((*keys, "dev", "dev_seed")))  # every source can hold out a dev split
         config, args = parse_command(
             PrepareConfig, argv, f"audio-rft prepare {source}", keys=keys, setup=flags,
             positional="input" if needs_input else None,
@@ -301,7 +335,7 @@ def run_argv(argv: list[str]) -> int:
         raise UserError(f"unknown source {argv[0]!r}; choose one of {', '.join(SOURCE_HELP)}, or recipe")
     config, args = _parse(argv[0], argv[1:])
     summary = prepare(config)
-    parts = summary.items() if config.source == "synth" else [(None, summary)]
+    parts = summary.items() if config.source == "synth" or config.dev else [(None, summary)]
     rejected = 0
     for name, part in parts:
         print((f"{name}: " if name else "") + format_summary(part))
