@@ -298,3 +298,24 @@ def test_choice_order_section_shows_a_position_biased_model(tmp_path):
     alone = _write(tmp_path, "alone", original)  # no perm file beside it: no choice-order figures, no section
     report = build_report([("alone", alone)], tmp_path / "r3")
     assert report["variants"][0]["choice_order"] is None and "## Choice order" not in (tmp_path / "r3" / "report.md").read_text()
+
+
+def test_report_flags_a_checkpoint_chosen_on_the_split_it_is_scored_on(tmp_path):
+    right = np.arange(20) % 2 == 0
+    test_version = {"builder": "synth", "content_sha256": "t" * 64}
+    on_test = _write(tmp_path, "best-on-test", _items(20, right), meta={
+        "data": str(tmp_path / "data" / "test"), "benchmark_version": test_version,
+        "chosen_on": {"data": str(tmp_path / "data" / "test"), "version": test_version}})
+    copy_of_test = _write(tmp_path, "copy", _items(20, right), meta={  # another folder with the same content
+        "data": str(tmp_path / "data" / "test"), "benchmark_version": test_version,
+        "chosen_on": {"data": str(tmp_path / "elsewhere"), "version": test_version}})
+    on_dev = _write(tmp_path, "chosen-on-dev", _items(20, right), meta={
+        "data": str(tmp_path / "data" / "test"), "benchmark_version": test_version,
+        "chosen_on": {"data": str(tmp_path / "data" / "dev"), "version": {"builder": "synth", "content_sha256": "d" * 64}}})
+    plain = _write(tmp_path, "plain", _items(20, right), meta={"data": str(tmp_path / "data" / "test")})
+    report = build_report([("best-on-test", on_test), ("copy", copy_of_test), ("chosen-on-dev", on_dev), ("plain", plain)],
+                          tmp_path / "r")
+    assert [v["chosen_on_scored_split"] for v in report["variants"]] == [True, True, False, None]
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "**best-on-test: its checkpoint was chosen on the split it is scored on**" in md
+    assert "**chosen-on-dev:" not in md and "**plain:" not in md

@@ -43,6 +43,9 @@ class InferConfig:
                                      "them in that order), into PRED.perm1.json ... PRED.permK.json; the report "
                                      "gives accuracy per order, answer consistency and chosen positions")
     shuffle_seed: int = option(0, "seed of those orders")
+    chosen_on: str | None = option(None, "the dataset this checkpoint was chosen on (e.g. the dev split given to "
+                                         "scripts/eval_checkpoints.sh); the report flags a checkpoint chosen on the "
+                                         "split it is scored on")
     limit: int | None = option(None, "only the first N items")
     device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
     dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
@@ -146,6 +149,12 @@ def run_inference(config: InferConfig) -> Path:
         permutations = [choice_permutation(s.id, order, config.shuffle_seed, len(s.choices)) for s in samples]
         _predict_file(config, [permuted(s, p) for s, p in zip(samples, permutations)], permutation_path(out, order),
                       model, order=order, permutations=permutations)
+    order = config.shuffle_choices + 1
+    while permutation_path(out, order).is_file():  # orders a former run asked for: the report would read them
+        stale = permutation_path(out, order)
+        for path in (stale, stale.with_name(stale.stem + ".meta.json")):
+            path.unlink(missing_ok=True)
+        order += 1
     return out
 
 
@@ -157,12 +166,14 @@ def _predict_file(config: InferConfig, samples: list[Sample], out: Path, model: 
     folder = Path(config.data)
     partial = out.with_name(out.name + ".partial.jsonl")
     # What the saved outputs depend on; `extract` is applied afterwards, so changing it reuses them.
-    generation = {k: v for k, v in config_to_dict(config).items() if k not in ("extract", "shuffle_choices", "shuffle_seed")}
+    generation = {k: v for k, v in config_to_dict(config).items() if k not in ("extract", "shuffle_choices", "shuffle_seed", "chosen_on")}
     meta = {"model": config.model, "adapter": config.adapter, "prompt": config.prompt,
             "ablate_audio": config.ablate_audio, "data": str(folder), "n": len(samples), "config": generation,
             "benchmark_version": benchmark_version(folder)}
     if order:
         meta["choice_order"] = {"order": order, "seed": config.shuffle_seed}
+    if config.chosen_on:
+        meta["chosen_on"] = {"data": config.chosen_on, "version": benchmark_version(config.chosen_on)}
     done: dict[int, tuple[str, int]] = {}
     if partial.exists():
         data, whole = partial.read_bytes(), 0  # whole: bytes of the whole lines read

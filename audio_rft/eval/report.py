@@ -147,6 +147,18 @@ def load_variant(name: str, pred_path: str | Path) -> dict:
     }
 
 
+def chosen_on_scored_split(meta: dict) -> bool | None:
+    """True when the variant's checkpoint was chosen (meta `chosen_on`) on the data it is scored on: the same
+    folder, or a dataset with the same content hash; None when the predictions do not say how it was chosen."""
+    chosen = meta.get("chosen_on")
+    if not isinstance(chosen, dict):
+        return None
+    if meta.get("data") and Path(chosen.get("data", "")).resolve() == Path(meta["data"]).resolve():
+        return True
+    content = lambda version: (version or {}).get("content_sha256")
+    return content(chosen.get("version")) is not None and content(chosen.get("version")) == content(meta.get("benchmark_version"))
+
+
 def _choice_orders(pred_path: Path, rows: list[dict]) -> list[list[dict]] | None:
     """Per-item (match, chosen choice, chosen position, answer position) in the original order and in every
     PRED.perm<k>.json that `infer shuffle_choices=K` wrote beside it; None when there are none."""
@@ -295,6 +307,7 @@ def _summarise(v: dict, columns: list[str], resamples: int, seed: int) -> dict:
         "answer_position": {"predicted": _position_shares([r["position"] for r in rows]),
                             "gold": _position_shares([r["gold_position"] for r in rows])},
         "choice_order": _choice_order_summary(v["choice_orders"]),
+        "chosen_on_scored_split": chosen_on_scored_split(v["meta"]),
         "meta": v["meta"],
     }
 
@@ -433,6 +446,11 @@ def render_markdown(report: dict) -> str:
           f"Scoring: {report['scoring']}. Cells: accuracy % [95% CI, {ci['method']}, {ci['resamples']:,} resamples, seed {ci['seed']}].",
           "Balanced accuracy: mean per-answer recall within each sub-category (a constant answer scores 1/K), item-weighted.", ""]
     md += [*report.get("data_versions", {}).get("lines", []), ""]
+    for v in variants:
+        if v.get("chosen_on_scored_split"):
+            md += [f"**{v['name']}: its checkpoint was chosen on the split it is scored on**, so its score is the best "
+                   f"of several tries on these items, not an estimate for new ones: choose on a dev split "
+                   f"(scripts/eval_checkpoints.sh with DEV=).", ""]
     if not report["same_items"]:
         md += ["**Variants were not scored on the same items**: compare the paired tests (common items only), not the raw table.", ""]
     md += ["## Accuracy (%), laid out as the paper's Table 1", ""]
