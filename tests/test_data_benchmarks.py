@@ -18,6 +18,7 @@ from audio_rft.data.schema import SampleError
 from audio_rft.eval.benchmarks import score_records
 from audio_rft.eval.infer import prediction_record
 from conftest import tone, write_audio
+from helpers import synth_data, tiny_model  # noqa: F401 (fixtures)
 
 
 def _convert_all(records: list[dict], root: Path) -> tuple[list, list[str]]:
@@ -161,3 +162,26 @@ def test_bad_metadata_files_are_one_line_errors(tmp_path, builder, content, mess
     with pytest.raises(UserError, match=message) as info:
         builder(src, tmp_path / "out")
     assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
+
+
+def test_a_pipeline_eval_on_mmar_data_also_applies_mmars_rule(shared_data, tmp_path, tiny_model):
+    import yaml
+
+    from audio_rft.pipeline import load_pipeline
+    from audio_rft.runner import run_pipeline
+
+    records = [json.loads(line) for line in (shared_data / "mmar-MMAR-meta.jsonl").read_text().splitlines()[:3]]
+    for record in records:
+        write_audio(tmp_path / "audio_root" / record["audio_path"], seconds=0.3)
+    (tmp_path / "MMAR-meta.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    pipeline = {"name": "mmar", "out": str(tmp_path / "run"), "stages": [
+        {"name": "mmar", "kind": "prepare", "config": {"source": "mmar", "input": str(tmp_path / "MMAR-meta.jsonl"),
+                                                        "audio_dir": str(tmp_path / "audio_root")}},
+        {"name": "eval", "kind": "eval", "config": {"data": "${mmar}", "batch_size": 4, "max_new_tokens": 4, "device": "cpu",
+                                                    "dtype": "fp32", "variants": [{"name": "tiny", "model": str(tiny_model)}]}}]}
+    path = tmp_path / "mmar.yaml"
+    path.write_text(yaml.safe_dump(pipeline))
+    run_pipeline(load_pipeline(path))
+    own = json.loads((tmp_path / "run" / "eval" / "tiny.mmar.scored.json").read_text())
+    assert own["rule"] == "mmar" and own["benchmark_version"]["benchmark"] == "mmar"
+    assert own["summary"]["n"] + own["summary"]["skipped"] == 3
