@@ -99,8 +99,9 @@ def completion_correct(completion: str, answer: str, choices: list[str], rule: s
     """Read the prediction out of a whole completion as `rule` does, then judge it.
 
     `exact` is R1-AQA's accuracy reward: the first `<answer>…</answer>` within one line (else the whole
-    completion), stripped, equal to the answer with case kept. R1-AQA tries math_verify's symbolic equality
-    first; on choice texts that branch only fires for numbers, which we leave out. `mmau`: the last `<answer>`,
+    completion), stripped, equal to the answer with case kept. R1-AQA first tries math_verify's symbolic
+    equality on the whole completion; that branch is left out (it can only add matches where both texts parse as
+    the same mathematical expression). `mmau`: the last `<answer>`,
     judged by MMAU's token rule.
     """
     if rule not in ACCURACY_RULES:
