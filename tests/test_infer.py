@@ -150,3 +150,21 @@ def test_shuffle_choices_answers_each_item_under_seeded_orders(uninterrupted, ti
     assert first != [r["choice_permutation"] for r in json.loads(infer.permutation_path(out, 2).read_text())]
     assert first == [infer.choice_permutation(r["id"], 1, 0, len(r["choices"])) for r in original]  # seeded
     assert infer.choice_permutation("x", 1, 0, 2) == [1, 0]  # two choices: the order asked for swaps them
+
+
+def test_letter_choices_show_lettered_options_and_keep_the_choices(tiny_model, synth_data, tmp_path, monkeypatch):
+    shown = []
+    real = infer.generate_answers
+
+    def spy(core, processor, folder, samples, *args, **kwargs):
+        shown.extend(s.choices for s in samples)
+        return real(core, processor, folder, samples, *args, **kwargs)
+
+    monkeypatch.setattr(infer, "generate_answers", spy)
+    out = run_inference(infer_config(tiny_model, synth_data, tmp_path / "pred.json", letter_choices=True, limit=4))
+    records = json.loads(out.read_text())
+    originals = {s.id: s.choices for s in load_dataset(synth_data / "test", limit=4)}
+    assert len(shown) == 4 and all(r["choices"] == originals[r["id"]] for r in records)
+    for choices in shown:
+        assert [c[:3] for c in choices] == [f"{letter}. " for letter in "ABCDEFGH"[:len(choices)]]
+        assert [c[3:] for c in choices] in list(originals.values())

@@ -43,6 +43,8 @@ class InferConfig:
                                      "them in that order), into PRED.perm1.json ... PRED.permK.json; the report "
                                      "gives accuracy per order, answer consistency and chosen positions")
     shuffle_seed: int = option(0, "seed of those orders")
+    letter_choices: bool = option(False, "show each choice as 'A. text' (MMSU's and AIR-Bench's prompts list lettered "
+                                         "options, and their rules read a letter); predictions keep the choices as given")
     chosen_on: str | None = option(None, "the dataset this checkpoint was chosen on (e.g. the dev split given to "
                                          "scripts/eval_checkpoints.sh); the report flags a checkpoint chosen on the "
                                          "split it is scored on")
@@ -123,6 +125,11 @@ def choice_permutation(sample_id: str, order: int, seed: int, n_choices: int) ->
 
 def permuted(sample: Sample, permutation: list[int]) -> Sample:
     return dataclasses.replace(sample, choices=[sample.choices[i] for i in permutation])
+
+
+def lettered(sample: Sample) -> Sample:
+    """The sample as the prompt shows it with letter_choices: "A. male", "B. female", ..."""
+    return dataclasses.replace(sample, choices=[f"{chr(ord('A') + i)}. {c}" for i, c in enumerate(sample.choices)])
 
 
 def permutation_path(out: str | Path, order: int) -> Path:
@@ -212,8 +219,9 @@ def _predict_file(config: InferConfig, samples: list[Sample], out: Path, model: 
         for group in batches:
             if all(i in done for i in group):
                 continue
-            answers = generate_answers(core, loaded.processor, folder, [samples[i] for i in group], config.prompt,
-                                       config.max_new_tokens, config.ablate_audio)
+            shown = [lettered(samples[i]) if config.letter_choices else samples[i] for i in group]
+            answers = generate_answers(core, loaded.processor, folder, shown, config.prompt, config.max_new_tokens,
+                                       config.ablate_audio)
             lines = []
             for i, (text, tokens) in zip(group, answers):
                 done[i] = (text, tokens)
