@@ -1,8 +1,10 @@
 """Reading an answer out of a completion, and deciding whether it is right.
 
 Shared by the rewards (training) and the scorer (eval), so both judge a completion the same way. Eval can
-also read answers as R1-AQA's test script does (`EXTRACTORS["r1-aqa"]`), to reproduce the paper's numbers;
-the training rewards always use `extract_answer`.
+also read answers as R1-AQA's test script does (`EXTRACTORS["r1-aqa"]`), to reproduce the paper's numbers.
+An accuracy rule names both how the answer is read and how it is compared (`ACCURACY_RULES`): `exact` is
+R1-AQA's reward (src/utils/rewards.py: the first `<answer>` on one line, case-sensitive equality), `mmau` is the
+benchmark's token rule on our extraction (the last `<answer>`).
 """
 
 from __future__ import annotations
@@ -53,8 +55,8 @@ def extractor(name: str) -> Callable[[str], str]:
 
 
 def exact_match(prediction: str, answer: str) -> bool:
-    """R1-AQA's rule: equal after strip and case-fold."""
-    return prediction.strip().casefold() == answer.strip().casefold()
+    """R1-AQA's accuracy reward (its string branch): equal after strip, case kept ("Dog" is not "dog")."""
+    return prediction.strip() == answer.strip()
 
 
 def _tokens(text: str) -> set[str]:
@@ -81,6 +83,7 @@ def mmau_match(prediction: str, answer: str, choices: list[str]) -> bool:
 
 
 def is_correct(prediction: str, answer: str, choices: list[str], rule: str = "exact") -> bool:
+    """Compare an already extracted prediction (`completion_correct` also extracts, as the rule says)."""
     if rule == "exact":
         return exact_match(prediction, answer)
     if rule == "mmau":
@@ -88,11 +91,31 @@ def is_correct(prediction: str, answer: str, choices: list[str], rule: str = "ex
     raise ValueError(f"unknown answer rule {rule!r} (exact or mmau)")
 
 
+# rule -> how its prediction is read from a completion
+ACCURACY_RULES: dict[str, Callable[[str], str]] = {"exact": extract_answer_r1_aqa, "mmau": extract_answer}
+
+
+def completion_correct(completion: str, answer: str, choices: list[str], rule: str = "exact") -> bool:
+    """Read the prediction out of a whole completion as `rule` does, then judge it.
+
+    `exact` is R1-AQA's accuracy reward: the first `<answer>…</answer>` within one line (else the whole
+    completion), stripped, equal to the answer with case kept. R1-AQA first tries math_verify's symbolic
+    equality on the whole completion; that branch is left out (it can only add matches where both texts parse as
+    the same mathematical expression). `mmau`: the last `<answer>`,
+    judged by MMAU's token rule.
+    """
+    if rule not in ACCURACY_RULES:
+        raise ValueError(f"unknown answer rule {rule!r} (exact or mmau)")
+    return is_correct(ACCURACY_RULES[rule](completion), answer, choices, rule)
+
+
 def follows_format(completion: str, mode: str) -> bool:
-    """Mode `answer`: exactly `<answer>…</answer>`; mode `think`: `<think>…</think>` then `<answer>…</answer>`."""
-    text = completion.strip()
+    """Mode `answer`: the whole completion is `<answer>…</answer>`, as R1-AQA's format reward checks it
+    (fullmatch on the unstripped text, so a leading space or trailing newline fails; tags inside may repeat);
+    mode `think`: `<think>…</think>` then `<answer>…</answer>`, one of each, unstripped too."""
+    text = completion
     if mode == "answer":
-        return re.fullmatch(r"<answer>(?:(?!</?answer>).)*</answer>", text, re.DOTALL) is not None
+        return re.fullmatch(r"<answer>.*?</answer>", text, re.DOTALL) is not None
     if mode == "think":
         return re.fullmatch(
             r"<think>(?:(?!</?think>).)*</think>\s*<answer>(?:(?!</?answer>|</?think>).)*</answer>", text, re.DOTALL

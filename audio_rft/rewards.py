@@ -11,16 +11,17 @@ import functools
 import importlib
 from typing import Callable
 
-from audio_rft.answers import extract_answer, follows_format, is_correct
+from audio_rft.answers import completion_correct, follows_format
 from audio_rft.data.schema import Sample
 
 RewardFn = Callable[..., list[float]]
 
 
 def accuracy(completions: list[str], samples: list[Sample], rule: str = "exact", **_: object) -> list[float]:
-    """1.0 when the extracted answer is the right choice (rule `exact`, as R1-AQA, or `mmau`)."""
+    """1.0 when the completion's answer is the right choice: rule `exact` is R1-AQA's (the first `<answer>`,
+    case-sensitive equality), `mmau` the benchmark's token rule on the last `<answer>` (answers.completion_correct)."""
     return [
-        float(s.answer is not None and is_correct(extract_answer(c), s.answer, s.choices, rule))
+        float(s.answer is not None and completion_correct(c, s.answer, s.choices, rule))
         for c, s in zip(completions, samples)
     ]
 

@@ -349,6 +349,12 @@ def _run_eval(pipe: Pipeline, stage: Stage, fresh: bool, records: dict[str, dict
             run_inference(variant.config)
         scored = score_file(out, files[3])
         summary = scored["summary"]
+        official = _benchmark_rule(scored.get("benchmark_version"))
+        if official:  # MMAR / MMSU / AIR-Bench data: their own rule beside MMAU's, in PRED.<rule>.scored.json
+            own = score_file(out, out.with_name(f"{out.stem}.{official}.scored.json"), rule=official)["summary"]
+            unit = "%" if own["unit"] == "percent" else ""
+            _print(f"      by {official}'s official rule: {own['accuracy']}{unit} over {own['n']} counted, "
+                   f"{own['skipped']} skipped as its script skips them")
         tasks = ", ".join(f"{k} {v['accuracy']:.1f}" for k, v in summary["task"].items())
         total = "n/a" if summary["total_accuracy"] is None else f"{summary['total_accuracy']:.2f}%"
         _print(f"      accuracy {total} over {summary['n']} items ({tasks})")
@@ -361,6 +367,12 @@ def _run_eval(pipe: Pipeline, stage: Stage, fresh: bool, records: dict[str, dict
                         "model": variant.config.model, "adapter": variant.config.adapter,
                         "ablate_audio": variant.config.ablate_audio, "accuracy": summary["total_accuracy"], "n": summary["n"]})
     atomic_write_json(stage.folder / "variants.json", listing)
+
+
+def _benchmark_rule(version: dict | None) -> str | None:
+    """The official rule of the benchmark a dataset was prepared from, when it has one besides MMAU's."""
+    benchmark = (version or {}).get("benchmark")
+    return {"mmar": "mmar", "mmsu": "mmsu", "airbench-foundation": "airbench"}.get(benchmark)
 
 
 def _run_report(pipe: Pipeline, stage: Stage, fresh: bool, records: dict[str, dict]) -> None:

@@ -79,6 +79,13 @@ def _corpus_files(root: Path) -> dict[str, str | None]:
     bad[10] = np.inf
     write_audio(root / "inf.wav", subtype="FLOAT", data=bad)
     expect["inf.wav"] = "NaN or inf"
+    # a cut-off download: the header announces 1 s, the file holds the first third (libsndfile reads what is left)
+    whole = write_audio(root / "truncated.wav", seconds=1.0).read_bytes()
+    (root / "truncated.wav").write_bytes(whole[:len(whole) // 3])
+    expect["truncated.wav"] = "truncated audio: the WAV header announces 16000 frames, the file holds"
+    write_audio(root / "short.wav", seconds=0.05)
+    expect["short.wav"] = "implausibly short audio: 0.050 s"
+    ok("just_long_enough.wav", seconds=0.1)
     os.symlink("loop_b.wav", root / "loop_a.wav")
     os.symlink("loop_a.wav", root / "loop_b.wav")
     expect["loop_a.wav"] = "symlink loop"

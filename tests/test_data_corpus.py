@@ -3,6 +3,7 @@ are rejected with a one-line reason (per item) or a one-line error and exit stat
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -46,6 +47,22 @@ def test_corpus_each_file_accepted_or_rejected_with_its_reason(audio_corpus, tmp
     assert sf.info(str(out / data[long_id]["audio"])).duration == pytest.approx(30.0)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["cut_to_30s"] == [{"id": long_id, "original_seconds": 40.0}]
+    # every accepted clip: where its audio came from, so two users can tell whether they scored the same audio
+    assert set(manifest["clips"]) == set(data)
+    stereo = manifest["clips"][f"i{names.index('stereo48k.wav')}"]
+    assert (stereo["source_sample_rate"], stereo["source_channels"], stereo["source_seconds"]) == (48_000, 2, 0.5)
+    assert stereo["source_sha256"] == hashlib.sha256((root / "stereo48k.wav").read_bytes()).hexdigest()
+    assert stereo["sha256"] == hashlib.sha256((out / data[f"i{names.index('stereo48k.wav')}"]["audio"]).read_bytes()).hexdigest()
+
+
+def test_a_wav_streamed_without_a_size_is_not_called_truncated(tmp_path):
+    whole = write_audio(tmp_path / "a.wav", seconds=0.5).read_bytes()
+    data_at = whole.index(b"data")
+    streamed = whole[:data_at + 4] + b"\xff\xff\xff\xff" + whole[data_at + 8:]
+    wave, info = audio_module.load_audio(streamed)
+    assert len(wave) == 8000 and info.source_sha256 == hashlib.sha256(streamed).hexdigest()
+    with pytest.raises(audio_module.AudioError, match="truncated audio"):
+        audio_module.load_audio(whole[:-1000])
 
 
 def test_file_vanishing_between_listing_and_reading_is_rejected(tmp_path, monkeypatch):

@@ -70,3 +70,55 @@ def test_bad_mmau_items_rejected(tmp_path):
     assert summary["accepted"] == 1
     reasons = [json.loads(line)["reason"] for line in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
     assert [r.split(":")[0] for r in reasons] == ["field 'task'", "field 'answer'", "field 'question'", "duplicate id (first one kept)"]
+
+
+# ---------------------------------------------------------------- versions of the metadata file
+
+def test_both_shared_files_are_known_versions_and_their_recorded_differences_hold(shared_data):
+    from audio_rft.data.mmau_versions import DIFFERENCES, PAPER_VERSION, compare_items, file_version
+
+    today, paper = file_version(shared_data / "mmau-test-mini.json"), file_version(shared_data / "mmau-test-mini-2025-01-28.json")
+    assert (today["known"], today["commit"], today["latest"]) == (True, "f0a4a97d2b56", True)
+    assert (paper["known"], paper["commit"], paper["date"]) == (True, PAPER_VERSION, "2025-01-28")
+    old = json.loads((shared_data / "mmau-test-mini-2025-01-28.json").read_text())
+    new = json.loads((shared_data / "mmau-test-mini.json").read_text())
+    assert compare_items(old, new) == DIFFERENCES[(PAPER_VERSION, "f0a4a97d2b56")]
+
+
+def test_version_table_matches_the_list_of_versions(shared_data):
+    import csv
+
+    from audio_rft.data.mmau_versions import VERSIONS
+
+    with open(shared_data / "mmau-test-mini-versions.csv", newline="") as f:
+        rows = [(r["commit"], r["date"], r["sha256"], int(r["items"])) for r in csv.DictReader(f)]
+    assert tuple(rows) == VERSIONS
+
+
+def test_prepare_records_the_version_and_an_edited_file_is_unknown(tmp_path):
+    from audio_rft.data.dataset import benchmark_version
+    from audio_rft.data.mmau_versions import describe
+
+    write_audio(tmp_path / "test-mini-audios" / "a.wav")
+    src = tmp_path / "mmau.json"
+    src.write_text(json.dumps([mmau_item("a")]))
+    build_mmau(src, tmp_path / "out", audio_dir=tmp_path)
+    version = benchmark_version(tmp_path / "out")
+    assert version["benchmark"] == "mmau-test-mini" and version["known"] is False and version["commit"] is None
+    assert "not in the table of known versions" in describe(version)
+
+
+def test_prepare_of_the_shared_file_names_its_commit(shared_data, tmp_path):
+    from audio_rft.data.dataset import benchmark_version
+    from audio_rft.data.mmau_versions import describe, paper_line
+
+    (tmp_path / "test-mini-audios").mkdir()
+    shutil.copy(shared_data / f"mmau-test-mini-{MMAU_CLIP_ID}.wav", tmp_path / "test-mini-audios" / f"{MMAU_CLIP_ID}.wav")
+    build_mmau(shared_data / "mmau-test-mini.json", tmp_path / "out", audio_dir=tmp_path)
+    version = benchmark_version(tmp_path / "out")
+    assert (version["known"], version["commit"], version["date"]) == (True, "f0a4a97d2b56", "2025-08-09")
+    assert describe(version) == "MMAU test-mini f0a4a97d2b56 (2025-08-09, the newest known)"
+    line = paper_line(version)
+    assert "a5cd89afa3f5 (2025-01-28)" in line and "364 of 1,000 items differ" in line and "106 ids replaced" in line
+    assert "same file" in paper_line({**version, "commit": "a5cd89afa3f5"})
+    assert "not recorded" in paper_line({**version, "commit": "1f675a9ae84f"})

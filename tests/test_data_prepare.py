@@ -169,3 +169,38 @@ def test_recipes_load_and_mmau_recipe_runs(shared_data, tmp_path, capsys):
     assert "accepted 1, rejected 999" in capsys.readouterr().out
     assert cli("prepare", "recipe", "--help") == 0
     assert "audio_pattern=" in capsys.readouterr().out
+
+
+def test_prepare_holds_out_a_dev_split_by_seed(tmp_path, capsys):
+    from audio_rft.data.dataset import load_dataset
+
+    for i in range(10):
+        write_audio(tmp_path / "clips" / f"{i}.wav", seconds=0.2)
+    src = write_jsonl(tmp_path / "items.jsonl", [item(f"q{i}", f"clips/{i}.wav") for i in range(10)] + ["{broken"])
+    assert cli("prepare", "jsonl", str(src), "--out", str(tmp_path / "d"), "dev=3", "dev_seed=5") == 0
+    train, dev = load_dataset(tmp_path / "d" / "train"), load_dataset(tmp_path / "d" / "dev")
+    assert len(dev) == 3 and len(train) == 7 and not {s.id for s in dev} & {s.id for s in train}
+    for part in ("train", "dev"):
+        assert validate_dataset(tmp_path / "d" / part) == []
+    manifest = json.loads((tmp_path / "d" / "dev" / "manifest.json").read_text())
+    assert manifest["params"]["dev_split"] == {"part": "dev", "dev": 3, "seed": 5, "of": 10}
+    assert set(manifest["clips"]) == {s.id for s in dev}  # the source clip's provenance travels with it
+    assert json.loads((tmp_path / "d" / "train" / "manifest.json").read_text())["rejected"] == 1
+    # the same seed holds out the same items; another seed others
+    assert cli("prepare", "jsonl", str(src), "--out", str(tmp_path / "e"), "dev=3", "dev_seed=5") == 0
+    assert [s.id for s in load_dataset(tmp_path / "e" / "dev")] == [s.id for s in dev]
+    assert cli("prepare", "jsonl", str(src), "--out", str(tmp_path / "f"), "dev=3", "dev_seed=6") == 0
+    assert [s.id for s in load_dataset(tmp_path / "f" / "dev")] != [s.id for s in dev]
+    capsys.readouterr()
+    assert cli("prepare", "jsonl", str(src), "--out", str(tmp_path / "g"), "dev=10") == 2
+    assert "dev=10: hold out between 1 and 9 of the 10 items" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists() and not list(tmp_path.glob(".g.*"))
+
+
+def test_prepare_synth_takes_the_dev_split_from_train(tmp_path):
+    from audio_rft.data.dataset import load_dataset
+
+    assert cli("prepare", "synth", "--out", str(tmp_path / "s"), "train=12", "test=4", "dev=4") == 0
+    train, dev, test = (load_dataset(tmp_path / "s" / p) for p in ("train", "dev", "test"))
+    assert (len(train), len(dev), len(test)) == (8, 4, 4)
+    assert not {s.id for s in dev} & {s.id for s in train} and all(s.split == "train" for s in dev)

@@ -122,3 +122,49 @@ def test_ablate_audio_from_the_command_line(tiny_model, synth_data, tmp_path, mo
     assert len(records) == 10 and all("model_output" in r for r in records)
     assert json.loads((tmp_path / "ablated.meta.json").read_text())["ablate_audio"] is True
     score_file(out)
+
+
+def test_shuffle_choices_answers_each_item_under_seeded_orders(uninterrupted, tiny_model, synth_data, tmp_path, monkeypatch):
+    shown = []
+    real = infer.generate_answers
+
+    def spy(core, processor, folder, samples, *args, **kwargs):
+        shown.extend((s.id, tuple(s.choices)) for s in samples)
+        return real(core, processor, folder, samples, *args, **kwargs)
+
+    monkeypatch.setattr(infer, "generate_answers", spy)
+    out = run_inference(infer_config(tiny_model, synth_data, tmp_path / "pred.json", shuffle_choices=2))
+    original = json.loads(out.read_text())
+    assert [r["model_output"] for r in original] == [r["model_output"] for r in json.loads(uninterrupted.read_text())]
+    for order in (1, 2):
+        path = infer.permutation_path(out, order)
+        assert path.name == f"pred.perm{order}.json"
+        records = json.loads(path.read_text())
+        assert [r["id"] for r in records] == [r["id"] for r in original]
+        for r, o in zip(records, original):
+            assert r["choices"] == [o["choices"][i] for i in r["choice_permutation"]] != o["choices"]
+            assert r["answer"] == o["answer"]
+            assert (r["id"], tuple(r["choices"])) in shown  # the prompt showed the choices in that order
+        assert json.loads(path.with_name(f"pred.perm{order}.meta.json").read_text())["choice_order"] == {"order": order, "seed": 0}
+    first = [r["choice_permutation"] for r in json.loads(infer.permutation_path(out, 1).read_text())]
+    assert first != [r["choice_permutation"] for r in json.loads(infer.permutation_path(out, 2).read_text())]
+    assert first == [infer.choice_permutation(r["id"], 1, 0, len(r["choices"])) for r in original]  # seeded
+    assert infer.choice_permutation("x", 1, 0, 2) == [1, 0]  # two choices: the order asked for swaps them
+
+
+def test_letter_choices_show_lettered_options_and_keep_the_choices(tiny_model, synth_data, tmp_path, monkeypatch):
+    shown = []
+    real = infer.generate_answers
+
+    def spy(core, processor, folder, samples, *args, **kwargs):
+        shown.extend(s.choices for s in samples)
+        return real(core, processor, folder, samples, *args, **kwargs)
+
+    monkeypatch.setattr(infer, "generate_answers", spy)
+    out = run_inference(infer_config(tiny_model, synth_data, tmp_path / "pred.json", letter_choices=True, limit=4))
+    records = json.loads(out.read_text())
+    originals = {s.id: s.choices for s in load_dataset(synth_data / "test", limit=4)}
+    assert len(shown) == 4 and all(r["choices"] == originals[r["id"]] for r in records)
+    for choices in shown:
+        assert [c[:3] for c in choices] == [f"{letter}. " for letter in "ABCDEFGH"[:len(choices)]]
+        assert [c[3:] for c in choices] in list(originals.values())

@@ -305,6 +305,9 @@ def test_r1_aqa_pipeline_resolves_without_running(tmp_path):
     assert all(isinstance(c, InferConfig) and c.data == str(tmp_path / "r1" / "mmau") for c in variants.values())
     assert variants["grpo"].adapter == str(tmp_path / "r1" / "grpo" / "final") and variants["grpo-no-audio"].ablate_audio
     assert {c.extract for c in variants.values()} == {"r1-aqa"}  # the paper's answer extraction
+    # R1-AQA's test script decodes up to 256 new tokens; the think variant allows more
+    assert {n: c.max_new_tokens for n, c in variants.items() if n != "grpo-think"} == dict.fromkeys(
+        [n for n in variants if n != "grpo-think"], 256)
     assert stage_of(pipe, "report").config.paper_table is None  # the user's copy of their table, when they have one
     outcomes = run_pipeline(pipe, dry_run=True)  # touches nothing
     assert [o.status for o in outcomes] == ["would run"] * len(outcomes) and not (tmp_path / "r1").exists()
@@ -318,6 +321,8 @@ def test_demo_pipeline_is_the_default_and_resolves(tmp_path):
     pipe = load_pipeline(path, ["grpo.max_steps=7", f"out={tmp_path / 'demo'}"])
     assert pipe.out == tmp_path / "demo" and stage_of(pipe, "grpo").config.max_steps == 7
     assert [v.name for v in stage_of(pipe, "eval").variants] == VARIANTS
+    # one choice-order column in the report: the grpo variant answers again under one seeded order
+    assert {v.name: v.config.shuffle_choices for v in stage_of(pipe, "eval").variants} == {**dict.fromkeys(VARIANTS, 0), "grpo": 1}
     assert stage_of(pipe, "warmup").config.prompt_mode == "mixed"
     # the mission's method: LoRA GRPO; the SFT baseline sees as many training questions as GRPO
     grpo, think, sft = (stage_of(pipe, n).config for n in ("grpo", "grpo-think", "sft"))
@@ -347,6 +352,8 @@ def test_the_demo_meets_its_margins(tmp_path):
     average = {name: acc["average"] for name, acc in accuracies(out).items()}
     assert average["grpo"] >= average["base"] + 10, average
     assert average["grpo-no-audio"] <= average["grpo"] - 10, average
+    report = (out / "report.md").read_text()
+    assert "Data: audio-rft's synthetic bench" in report and "## Choice order" in report and "| grpo |" in report
 
 
 # ---------------------------------------------------------------- bad pipelines: one-line errors

@@ -97,7 +97,8 @@ def test_extract_answer(completion, expected):
 
 @pytest.mark.parametrize("prediction, rule, correct", [
     ("dog", "exact", True),
-    ("  DOG ", "exact", True),  # strip + case-fold
+    ("  dog ", "exact", True),  # stripped, as R1-AQA strips both sides
+    ("DOG", "exact", False),  # R1-AQA compares with case kept
     ("Dog.", "exact", False),
     ("the dog", "exact", False),
     ("dog or cat", "exact", False),
@@ -128,15 +129,18 @@ def test_unknown_rule():
 
 @pytest.mark.parametrize("completion, mode, ok", [
     ("<answer>dog</answer>", "answer", True),
-    ("  <answer>dog</answer>\n", "answer", True),
+    ("  <answer>dog</answer>\n", "answer", False),  # R1-AQA's fullmatch runs on the unstripped output
+    ("<answer>dog</answer>\n", "answer", False),
     ("<answer></answer>", "answer", True),
+    ("<answer>two\nlines</answer>", "answer", True),  # its format regex has DOTALL (its answer regex has not)
     ("<answer>dog</answer> because", "answer", False),
     ("dog", "answer", False),
-    ("<answer><answer>dog</answer></answer>", "answer", False),
-    ("<answer>cat</answer><answer>dog</answer>", "answer", False),
+    ("<answer><answer>dog</answer></answer>", "answer", True),  # theirs: .*? inside one fullmatch
+    ("<answer>cat</answer><answer>dog</answer>", "answer", True),
     ("<think>x</think><answer>dog</answer>", "answer", False),
     ("<think>It barks.</think><answer>dog</answer>", "think", True),
     ("<think>It barks.</think>\n<answer>dog</answer>", "think", True),
+    (" <think>It barks.</think><answer>dog</answer>", "think", False),  # unstripped, as the answer mode
     ("<answer>dog</answer>", "think", False),
     ("<think>It barks.</think>", "think", False),
     ("<answer>dog</answer><think>It barks.</think>", "think", False),
@@ -163,6 +167,19 @@ def test_accuracy_reward(rule, expected):
     samples = [sample()] * len(COMPLETIONS)
     assert accuracy(COMPLETIONS, samples, rule=rule) == expected
     assert get_reward("accuracy", rule=rule)(COMPLETIONS, samples) == expected
+
+
+@pytest.mark.parametrize("completion, exact, mmau", [
+    ("<answer>dog</answer> no, <answer>cat</answer>", 1.0, 0.0),  # exact reads the first answer, mmau the last
+    ("<answer>cat</answer> no, <answer>dog</answer>", 0.0, 1.0),
+    ("<answer>Dog</answer>", 0.0, 1.0),  # exact keeps case; MMAU lower-cases
+    ("<answer>dog\n</answer>", 0.0, 1.0),  # R1-AQA's answer regex has no DOTALL: no match, the whole output is
+                                           # compared; ours reads across lines
+    ("<answer> dog </answer>", 1.0, 1.0),
+])
+def test_accuracy_rules_read_answers_as_their_sources(completion, exact, mmau):
+    assert accuracy([completion], [sample()], rule="exact") == [exact]
+    assert accuracy([completion], [sample()], rule="mmau") == [mmau]
 
 
 def test_accuracy_reward_without_answer_is_zero():

@@ -252,3 +252,70 @@ def test_training_curves_are_drawn_and_embedded(tmp_path):
     assert "## Training curves" in md and "### grpo, grpo-no-audio" in md and "(curves-grpo.png)" in md
     report = build_report([("base", base)], tmp_path / "out2", resamples=50, training={})
     assert report["training_curves"] == [] and "## Training curves" not in (tmp_path / "out2" / "report.md").read_text()
+
+
+def test_report_names_the_data_version_and_beside_a_paper_table_the_papers(tmp_path):
+    table = tmp_path / "paper.csv"
+    table.write_text("model,method,prompt,sound,music,speech,average,source\nQwen2-Audio,GRPO,2,69.37,66.77,57.36,64.50,paper\n")
+    today = {"builder": "mmau", "content_sha256": "c" * 64, "benchmark": "mmau-test-mini", "known": True,
+             "commit": "f0a4a97d2b56", "date": "2025-08-09", "latest": True, "sha256": "9f18fda9"}
+    right = np.arange(30) % 2 == 0
+    a = _write(tmp_path, "a", _items(30, right), meta={"benchmark_version": today})
+    b = _write(tmp_path, "b", _items(30, right), meta={"benchmark_version": today})
+    report = build_report([("a", a), ("b", b)], tmp_path / "r", paper_table=table)
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "Data: MMAU test-mini f0a4a97d2b56 (2025-08-09, the newest known)." in md
+    assert "the paper was scored on MMAU test-mini a5cd89afa3f5 (2025-01-28)" in md and "364 of 1,000 items differ" in md
+    assert report["data_versions"]["by_variant"] == {"a": today, "b": today}
+    # no paper table: the data line alone; a file without meta says it cannot tell
+    c = _write(tmp_path, "c", _items(30, right))
+    md = (build_report([("a", a), ("c", c)], tmp_path / "r2"), (tmp_path / "r2" / "report.md").read_text())[1]
+    assert "Data (c): a dataset of unknown version" in md and "paper was scored" not in md
+
+
+def test_choice_order_section_shows_a_position_biased_model(tmp_path):
+    """A model that always takes the first choice: its accuracy moves with the order, it is never consistent."""
+    right = np.ones(30, dtype=bool)
+    original = _items(30, right)  # right in the given order
+    for item in original:
+        item["choices"] = [item["answer"], *(c for c in PITCH if c != item["answer"])]
+    pred = _write(tmp_path, "grpo", original)
+    shifted = []
+    for item in original:
+        choices = item["choices"][1:] + item["choices"][:1]  # the answer moves to the last position
+        shifted.append({**item, "choices": choices, "model_prediction": choices[0], "model_output": choices[0],
+                        "choice_permutation": [1, 2, 0]})
+    _write(tmp_path, "grpo.perm1", shifted)
+    steady = _write(tmp_path, "steady", original)
+    _write(tmp_path, "steady.perm1", [{**s, "model_prediction": s["answer"], "model_output": s["answer"]} for s in shifted])
+    report = build_report([("grpo", pred), ("steady", steady)], tmp_path / "r")
+    biased, fine = (v["choice_order"] for v in report["variants"])
+    assert biased["accuracy"] == [100.0, 0.0] and (biased["mean"], biased["min"], biased["consistent"]) == (50.0, 0.0, 0.0)
+    assert biased["positions"]["predicted"] == {"1": 1.0} and biased["positions"]["gold"] == {"1": 0.5, "3": 0.5}
+    assert fine["accuracy"] == [100.0, 100.0] and fine["consistent"] == 100.0
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "## Choice order" in md and "| grpo | 100.00 | 0.00 | 50.00 | 0.00 | 0.00 | 30 |" in md
+    alone = _write(tmp_path, "alone", original)  # no perm file beside it: no choice-order figures, no section
+    report = build_report([("alone", alone)], tmp_path / "r3")
+    assert report["variants"][0]["choice_order"] is None and "## Choice order" not in (tmp_path / "r3" / "report.md").read_text()
+
+
+def test_report_flags_a_checkpoint_chosen_on_the_split_it_is_scored_on(tmp_path):
+    right = np.arange(20) % 2 == 0
+    test_version = {"builder": "synth", "content_sha256": "t" * 64}
+    on_test = _write(tmp_path, "best-on-test", _items(20, right), meta={
+        "data": str(tmp_path / "data" / "test"), "benchmark_version": test_version,
+        "chosen_on": {"data": str(tmp_path / "data" / "test"), "version": test_version}})
+    copy_of_test = _write(tmp_path, "copy", _items(20, right), meta={  # another folder with the same content
+        "data": str(tmp_path / "data" / "test"), "benchmark_version": test_version,
+        "chosen_on": {"data": str(tmp_path / "elsewhere"), "version": test_version}})
+    on_dev = _write(tmp_path, "chosen-on-dev", _items(20, right), meta={
+        "data": str(tmp_path / "data" / "test"), "benchmark_version": test_version,
+        "chosen_on": {"data": str(tmp_path / "data" / "dev"), "version": {"builder": "synth", "content_sha256": "d" * 64}}})
+    plain = _write(tmp_path, "plain", _items(20, right), meta={"data": str(tmp_path / "data" / "test")})
+    report = build_report([("best-on-test", on_test), ("copy", copy_of_test), ("chosen-on-dev", on_dev), ("plain", plain)],
+                          tmp_path / "r")
+    assert [v["chosen_on_scored_split"] for v in report["variants"]] == [True, True, False, None]
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "**best-on-test: its checkpoint was chosen on the split it is scored on**" in md
+    assert "**chosen-on-dev:" not in md and "**plain:" not in md

@@ -160,7 +160,8 @@ def test_cli_prints_and_writes(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "Task-wise Accuracy:" in proc.stdout and "Total Accuracy: 50.00% over 2 samples" in proc.stdout
     written = json.loads(out.read_text())
-    assert set(written) == {"summary", "samples", "key", "extract", "raw_output"}
+    assert set(written) == {"summary", "samples", "key", "extract", "raw_output", "benchmark_version", "rule"}
+    assert written["benchmark_version"] is None and written["rule"] == "mmau"  # no meta file beside it
     assert written["samples"] == [{"id": "q0", "match": 1}, {"id": "q1", "match": 0}]
     assert written["summary"]["total_accuracy"] == 50.0 and written["summary"]["n"] == 2
     assert written["raw_output"] is None  # no item has model_output: nothing raw to score
@@ -267,3 +268,16 @@ def test_cli_key_and_extract(tmp_path):
     only_prediction.write_text(json.dumps([_item(0, model_prediction="Man")]))
     proc = _cli(only_prediction, "--extract", "r1-aqa")
     assert proc.returncode == 2 and "no item has 'model_output'" in proc.stderr and str(only_prediction) in proc.stderr
+
+
+def test_score_counts_what_mmaus_script_would_skip(tmp_path):
+    """MMAU's evaluation.py (at its head) reads model_output and skips an item without it; we score such an item
+    on model_prediction, or count it wrong, and say how many there are."""
+    pred = tmp_path / "pred.json"
+    pred.write_text(json.dumps([_item(0, model_prediction="Man"), _item(1, model_prediction="Man", model_output="Man"),
+                                _item(2, model_prediction=None), _item(3, answer=None, model_prediction="Man")]))
+    result = score_file(pred)
+    assert result["summary"]["official_skips"] == 2 and result["summary"]["n"] == 3  # the unanswered item is not one
+    assert result["summary"]["correct"] == 2 and result["summary"]["no_prediction"] == 1
+    proc = _cli(pred)
+    assert proc.returncode == 0 and "would skip 2 items that have no model_output" in proc.stdout

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +15,7 @@ import soundfile as sf
 
 SAMPLE_RATE = 16_000
 MAX_SECONDS = 30.0  # Qwen2-Audio's window: longer audio is cut, and the cut is recorded
+MIN_SECONDS = 0.1  # shorter than this is no question's clip: a failed download or an empty export
 
 
 class AudioError(ValueError):
@@ -25,6 +28,7 @@ class AudioInfo:
     original_channels: int
     original_seconds: float
     cut: bool
+    source_sha256: str | None = None  # of the file (or bytes) as given, so two users can tell their downloads apart
 
 
 def _decode(source: str | Path | bytes) -> tuple[np.ndarray, int]:
@@ -49,8 +53,63 @@ def _decode(source: str | Path | bytes) -> tuple[np.ndarray, int]:
         return data, int(sr)
 
 
-def load_audio(source: str | Path | bytes, max_seconds: float | None = MAX_SECONDS) -> tuple[np.ndarray, AudioInfo]:
-    """Decode, mix to mono, resample to 16 kHz, cut to `max_seconds`; raise AudioError with a reason."""
+def _wav_announced_frames(head: bytes, size: int) -> tuple[int, int] | None:
+    """(frames the RIFF header announces, frames the file holds) for a PCM/float WAV; None when it is not one
+    or announces no size (a streamed WAV writes 0 or 0xFFFFFFFF). libsndfile itself quietly reads what survives."""
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    offset, block_align = 12, None
+    while offset + 8 <= len(head):
+        chunk, length = head[offset:offset + 4], struct.unpack("<I", head[offset + 4:offset + 8])[0]
+        if chunk == b"fmt " and offset + 22 <= len(head):
+            block_align = struct.unpack("<H", head[offset + 20:offset + 22])[0]
+        elif chunk == b"data":
+            if not block_align or length in (0, 0xFFFFFFFF):
+                return None
+            present = max(0, size - offset - 8)
+            return length // block_align, min(length, present) // block_align
+        offset += 8 + length + (length & 1)
+    return None
+
+
+def _truncation(source: str | Path | bytes, decoded_frames: int) -> str | None:
+    """The reject reason when the file holds less audio than its header announces (a cut-off download)."""
+    if isinstance(source, bytes):
+        head, size = source[:65536], len(source)
+    else:
+        with open(source, "rb") as f:
+            head = f.read(65536)
+        size = Path(source).stat().st_size
+    frames = _wav_announced_frames(head, size)
+    if frames is not None:
+        announced, present = frames
+        if present < announced:
+            return f"truncated audio: the WAV header announces {announced} frames, the file holds {present}"
+        return None
+    if head[:4] == b"fLaC":  # STREAMINFO's total is exact, so fewer decoded frames means a cut file
+        try:
+            announced = sf.info(io.BytesIO(source) if isinstance(source, bytes) else str(source)).frames
+        except Exception:  # noqa: BLE001 - an unreadable header was already reported by the decoder
+            return None
+        if 0 < decoded_frames < announced:
+            return f"truncated audio: the FLAC header announces {announced} frames, the file holds {decoded_frames}"
+    return None
+
+
+def _sha256(source: str | Path | bytes) -> str:
+    if isinstance(source, bytes):
+        return hashlib.sha256(source).hexdigest()
+    digest = hashlib.sha256()
+    with open(source, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_audio(source: str | Path | bytes, max_seconds: float | None = MAX_SECONDS,
+               min_seconds: float = MIN_SECONDS) -> tuple[np.ndarray, AudioInfo]:
+    """Decode, mix to mono, resample to 16 kHz, cut to `max_seconds`; raise AudioError with a reason, also for
+    a file that holds less audio than its header announces or lasts under `min_seconds`."""
     if not isinstance(source, bytes):
         path = Path(source)
         if not path.is_file():
@@ -60,6 +119,11 @@ def load_audio(source: str | Path | bytes, max_seconds: float | None = MAX_SECON
     data, sr = _decode(source)
     if data.shape[0] == 0:
         raise AudioError("audio has zero frames")
+    truncated = _truncation(source, data.shape[0])
+    if truncated:
+        raise AudioError(truncated)
+    if data.shape[0] / sr < min_seconds:
+        raise AudioError(f"implausibly short audio: {data.shape[0] / sr:.3f} s (under {min_seconds} s)")
     if not np.isfinite(data).all():
         raise AudioError("audio contains NaN or inf samples")
     channels = data.shape[1]
@@ -77,7 +141,7 @@ def load_audio(source: str | Path | bytes, max_seconds: float | None = MAX_SECON
     if max_seconds is not None and len(mono) > int(max_seconds * SAMPLE_RATE):
         mono, cut = mono[: int(max_seconds * SAMPLE_RATE)], True
     mono = np.clip(mono, -1.0, 1.0).astype(np.float32)
-    return mono, AudioInfo(sr, channels, original_seconds, cut)
+    return mono, AudioInfo(sr, channels, original_seconds, cut, _sha256(source))
 
 
 def write_wav(path: str | Path, waveform: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:

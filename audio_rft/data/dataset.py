@@ -45,6 +45,7 @@ class DatasetWriter:
         self.rejected: list[dict[str, Any]] = []
         self.seconds: dict[str, float] = {}
         self.cut: list[dict[str, Any]] = []
+        self.clips: dict[str, dict[str, Any]] = {}  # id -> where its audio came from (manifest `clips`)
         self.notes: dict[str, list[str]] = {}  # what a builder repaired in accepted items: kind -> ids
         self._ids: set[str] = set()
 
@@ -69,6 +70,15 @@ class DatasetWriter:
             raise SampleError(f"duplicate id (first one kept): {sample.id!r}")
         rel = f"{AUDIO_DIR}/{audio_filename(sample.id)}"
         write_wav(self.tmp / rel, waveform)
+        # Enough to tell whether two users evaluated the same audio: the source file's hash and format (None for
+        # generated audio), and the hash of the 16 kHz clip written here.
+        self.clips[sample.id] = {
+            "sha256": hashlib.sha256((self.tmp / rel).read_bytes()).hexdigest(),
+            "source_sha256": info.source_sha256 if info else None,
+            "source_sample_rate": info.original_sample_rate if info else SAMPLE_RATE,
+            "source_channels": info.original_channels if info else 1,
+            "source_seconds": round(info.original_seconds if info else len(waveform) / SAMPLE_RATE, 3),
+        }
         sample.audio = rel
         self._ids.add(sample.id)
         self.samples.append(sample)
@@ -120,6 +130,7 @@ class DatasetWriter:
                 "max": round(max(seconds), 3) if seconds else 0.0,
             },
             "cut_to_30s": self.cut,
+            "clips": self.clips,
             "notes": dict(sorted(self.notes.items())),
             "content_sha256": content_hash(self.tmp, self.samples),
         }
@@ -146,6 +157,24 @@ def resolve_audio(folder: str | Path, sample: Sample) -> Path:
     return full
 
 
+def benchmark_version(folder: str | Path) -> dict | None:
+    """What a prepared dataset was built from, for predictions to carry: the builder, the content hash and, for a
+    benchmark's metadata file, which release of it (manifest params `benchmark_version`: commit, date, known);
+    None for an unreadable manifest."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict):
+        return None
+    params = manifest.get("params") if isinstance(manifest.get("params"), dict) else {}
+    version = params.get("benchmark_version") if isinstance(params.get("benchmark_version"), dict) else {}
+    described = {"builder": manifest.get("builder"), "content_sha256": manifest.get("content_sha256"), **version}
+    if manifest.get("builder") == "synth":
+        described.update(generator=params.get("version"), seed=params.get("seed"))
+    return described
+
+
 def load_dataset(folder: str | Path, limit: int | None = None) -> list[Sample]:
     """Read a prepared dataset's samples; any bad line is a UserError naming file, line and field."""
     path = Path(folder) / DATA_FILE
@@ -168,3 +197,37 @@ def load_dataset(folder: str | Path, limit: int | None = None) -> list[Sample]:
     if not samples:
         raise UserError(f"{path}: no samples")
     return samples
+
+
+def split_off_dev(source: str | Path, n: int, seed: int, train_out: str | Path, dev_out: str | Path) -> dict[str, Any]:
+    """Hold out `n` items of a prepared dataset, drawn by `seed`, as a dev split for choosing checkpoints: write
+    them to `dev_out` and the rest to `train_out` (each a prepared dataset; `train_out` may be `source` itself,
+    replaced when complete). Clips are copied sample for sample; each manifest records the split."""
+    from audio_rft.data.audio import read_wav
+
+    source = Path(source)
+    samples = load_dataset(source)
+    if not 0 < n < len(samples):
+        raise UserError(f"dev={n}: hold out between 1 and {len(samples) - 1} of the {len(samples)} items accepted")
+    manifest = json.loads((source / MANIFEST_FILE).read_text(encoding="utf-8"))
+    rejected_path = source / REJECTED_FILE
+    rejected = [json.loads(line) for line in rejected_path.read_text(encoding="utf-8").split("\n") if line.strip()] \
+        if rejected_path.is_file() else []
+    dev = set(np.random.default_rng(seed).choice(len(samples), n, replace=False).tolist())
+    cut = {c["id"]: c for c in manifest.get("cut_to_30s", [])}
+    clips = manifest.get("clips", {})
+    summaries = {}
+    for part, out, chosen in (("dev", dev_out, sorted(dev)), ("train", train_out, [i for i in range(len(samples)) if i not in dev])):
+        params = {**manifest.get("params", {}), "dev_split": {"part": part, "dev": n, "seed": seed, "of": len(samples)}}
+        with DatasetWriter(out, manifest.get("builder", "split"), params) as writer:
+            for i in chosen:
+                sample = Sample.from_json(samples[i].to_json())
+                writer.add(sample, read_wav(source / samples[i].audio))
+                if sample.id in clips:  # where the audio came from, not the copy's own provenance
+                    writer.clips[sample.id] = clips[sample.id]
+                if sample.id in cut:
+                    writer.cut.append(cut[sample.id])
+            if part == "train":
+                writer.rejected = rejected
+            summaries[part] = writer.summary()
+    return summaries

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from audio_rft.data.generic import Item, as_id, audio_root, build, input_params, locate_audio, optional_text, read_json_items
+from audio_rft.data.mmau_versions import version_of
 from audio_rft.data.schema import Sample, SampleError
 
 
@@ -43,4 +44,6 @@ def build_mmau(input: str | Path, out: str | Path, audio_dir: str | Path | None 
         return Item(sample, path, note)
 
     params = {**input_params(input), "audio_dir": str(root.resolve())}
+    # which release of the benchmark file this is: infer, score and the report carry it on
+    params["benchmark_version"] = {"benchmark": "mmau-test-mini", **version_of(params["input_sha256"])}
     return build(out, "mmau", params, items, convert, what=str(input))

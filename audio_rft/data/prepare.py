@@ -25,7 +25,7 @@ from audio_rft.data.schema import Sample, SampleError
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("synth", "avqa", "mmau", "jsonl", "csv", "hf")
+SOURCES = ("synth", "avqa", "mmau", "mmar", "mmsu", "airbench", "jsonl", "csv", "hf")
 
 
 @dataclass
@@ -46,6 +46,9 @@ class PrepareConfig:
     train: int = option(2000, "synth: number of training items")
     test: int = option(500, "synth: number of test items")
     seed: int = option(0, "synth: random seed")
+    dev: int = option(0, "hold out N items, drawn by dev_seed, as a dev split for choosing checkpoints: synth takes "
+                         "them from train into DIR/dev; any other source writes DIR/train and DIR/dev")
+    dev_seed: int = option(0, "seed of the dev hold-out")
 
 
 def prepare(config: PrepareConfig) -> dict[str, Any]:
@@ -55,13 +58,23 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         raise UserError(f"unknown source {c.source!r}; choose one of {', '.join(SOURCES)}")
     if not c.out:
         raise UserError("prepare: `out` is required (the dataset folder to write: --out DIR or out=DIR)")
+    if c.dev < 0:
+        raise UserError(f"dev={c.dev}: give a number of items, 0 or more")
     if c.source == "synth":
         from audio_rft.data.synth import build_synth
 
-        return build_synth(Path(c.out), c.train, c.test, c.seed)
+        summaries = build_synth(Path(c.out), c.train, c.test, c.seed)
+        if c.dev:
+            from audio_rft.data.dataset import split_off_dev
+
+            out = Path(c.out)
+            summaries.update(split_off_dev(out / "train", c.dev, c.dev_seed, out / "train", out / "dev"))
+        return summaries
+    if c.dev:
+        return _with_dev(c)
     if not c.input:
         raise UserError(f"prepare {c.source}: an input file is required")
-    if c.source != "hf" and not Path(c.input).is_file():
+    if c.source not in ("hf", "mmsu") and not Path(c.input).is_file():
         raise UserError(f"{c.input}: " + ("a folder, expected a file" if Path(c.input).is_dir() else "no such file"))
     if c.index_base not in (0, 1):
         raise UserError(f"index_base={c.index_base}: use 0 or 1")
@@ -73,6 +86,10 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         from audio_rft.data.mmau import build_mmau
 
         return build_mmau(c.input, c.out, c.audio_dir)
+    if c.source in ("mmar", "mmsu", "airbench"):
+        from audio_rft.data import benchmarks
+
+        return getattr(benchmarks, f"build_{c.source}")(c.input, c.out, c.audio_dir)
     from audio_rft.data.generic import build_hf, build_table
 
     common = dict(fields=c.fields, audio_dir=c.audio_dir, answer_index=c.answer_index, index_base=c.index_base,
@@ -80,6 +97,26 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     if c.source == "hf":
         return build_hf(c.input, c.out, split=c.split, hf_split=c.hf_split, **common)
     return build_table(c.input, c.out, fmt=c.source, split=c.split or "train", delimiter=c.delimiter, **common)
+
+
+def _with_dev(c: PrepareConfig) -> dict[str, Any]:
+    """Build the whole dataset aside, then write DIR/train and DIR/dev from it in one atomic step."""
+    import shutil
+    import tempfile
+
+    from audio_rft.data.dataset import split_off_dev
+    from audio_rft.fileio import atomic_dir
+
+    out = Path(c.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    whole = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.whole-", suffix=".tmp"))
+    try:
+        prepare(dataclasses.replace(c, out=str(whole / "all"), dev=0))
+        with atomic_dir(out) as tmp:
+            parts = split_off_dev(whole / "all", c.dev, c.dev_seed, tmp / "train", tmp / "dev")
+    finally:
+        shutil.rmtree(whole, ignore_errors=True)
+    return {part: {**summary, "out": str(out / part)} for part, summary in parts.items()}
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -192,7 +229,7 @@ _TABLE = ("input", "out", "audio_dir", "fields", "answer_index", "index_base", "
 SOURCE_HELP: dict[str, tuple[str, str | None, str, tuple[str, ...]]] = {
     "synth": ("the built-in synthetic bench (nothing to download)", None,
               "Generates audio questions answerable only by listening, as DIR/train and DIR/test.",
-              ("out", "train", "test", "seed")),
+              ("out", "train", "test", "seed", "dev", "dev_seed")),
     "avqa": ("AVQA (the paper's training set)", "AVQA train_qa.json or R1-AQA JSONL",
              "INPUT is AVQA's own train_qa.json (a JSON list; audio found under audio_dir by audio_pattern) or "
              "R1-AQA's JSONL (the same objects plus `audio_path`, used as given unless audio_dir is set). \"video\" "
@@ -204,6 +241,22 @@ SOURCE_HELP: dict[str, tuple[str, str | None, str, tuple[str, ...]]] = {
              "answer is withheld (the test split) are kept with answer null, for inference, and counted as "
              "`unanswered` in the manifest. A choice listed twice is dropped (noted in the manifest).",
              ("input", "out", "audio_dir")),
+    "mmar": ("MMAR's metadata (MMAR-meta.jsonl, or the first release's MMAR-meta.json)", "MMAR metadata file",
+             "Audio is found under audio_dir (the extracted mmar-audio.tar.gz; default: the input's folder) by each "
+             "item's audio_path (./audio/<name>.wav). The file's sha256 names its release in the manifest; the first "
+             "release's 6 items whose answer is no option are rejected. Score with `audio-rft score --rule mmar`.",
+             ("input", "out", "audio_dir")),
+    "mmsu": ("MMSU (the Hugging Face dataset ddwang2000/MMSU saved to disk, its parquet, or its rows as JSON/JSONL)",
+             "dataset folder, parquet file or JSON/JSONL file",
+             "Rows with id, question, choice_a..choice_d, answer_gt (the right option's text), category, "
+             "sub-category and audio (embedded bytes, or a path under audio_dir; or audio_path). Parquet and saved "
+             "datasets need the `datasets` package. Score with `audio-rft score --rule mmsu`.",
+             ("input", "out", "audio_dir")),
+    "airbench": ("AIR-Bench's foundation track (Foundation/Foundation_meta.json)", "Foundation_meta.json",
+                 "Audio is found under audio_dir at <task_name>_<dataset_name>/<path> (Audio_Grounding clips as "
+                 ".flac, as its inference script reads them); the id is uniq_id. Score with "
+                 "`audio-rft score --rule airbench`.",
+                 ("input", "out", "audio_dir")),
     "jsonl": ("your own JSONL file", "JSONL file",
               "INPUT holds one JSON object per line (a JSON list also works). Map its column names with --field; "
               "the answer is a choice's text, or its position with answer_index. Items without an id get "
@@ -255,6 +308,7 @@ def _parse(source: str, argv: list[str]) -> tuple[PrepareConfig, Any]:
             raise UserError("prepare recipe: which FILE?")
     else:
         summary, needs_input, description, keys = SOURCE_HELP[source]
+        keys = tuple(dict.fromkeys((*keys, "dev", "dev_seed")))  # every source can hold out a dev split
         config, args = parse_command(
             PrepareConfig, argv, f"audio-rft prepare {source}", keys=keys, setup=flags,
             positional="input" if needs_input else None,
@@ -281,7 +335,7 @@ def run_argv(argv: list[str]) -> int:
         raise UserError(f"unknown source {argv[0]!r}; choose one of {', '.join(SOURCE_HELP)}, or recipe")
     config, args = _parse(argv[0], argv[1:])
     summary = prepare(config)
-    parts = summary.items() if config.source == "synth" else [(None, summary)]
+    parts = summary.items() if config.source == "synth" or config.dev else [(None, summary)]
     rejected = 0
     for name, part in parts:
         print((f"{name}: " if name else "") + format_summary(part))

@@ -28,9 +28,15 @@ class Sample:
     source: str = ""
     split: str = ""
     reasoning: str | None = None
+    # A benchmark's own fields that its official scorer reads (MMAR's modality, MMSU's choice_a..choice_d and
+    # answer_gt, ...): infer writes them back into the predictions, so the official script reads those unchanged.
+    benchmark_fields: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        record = dataclasses.asdict(self)
+        if record["benchmark_fields"] is None:  # datasets without any keep their data.jsonl as it was
+            del record["benchmark_fields"]
+        return record
 
     @classmethod
     def from_json(cls, record: dict[str, Any]) -> "Sample":
@@ -67,6 +73,8 @@ class Sample:
             raise SampleError(f"field 'answer': {self.answer!r} is not among the choices")
         if self.task not in TASKS:
             raise SampleError(f"field 'task': {self.task!r} is not one of {', '.join(TASKS)}")
+        if self.benchmark_fields is not None and not isinstance(self.benchmark_fields, dict):
+            raise SampleError("field 'benchmark_fields': expected an object or null")
         for name in ("category", "sub_category", "difficulty", "reasoning"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):

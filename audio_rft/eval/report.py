@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from collections import Counter, defaultdict
 from itertools import combinations
 from pathlib import Path
@@ -142,7 +143,58 @@ def load_variant(name: str, pred_path: str | Path) -> dict:
         "prompt": prompt, "checkpoint": meta.get("adapter") or meta.get("model"),
         "control": bool(meta.get("ablate_audio")) or name.endswith("-no-audio"),
         "format_rate": _format_rate(items, prompt), **_completion_length(items),
+        "choice_orders": _choice_orders(pred_path, rows),
     }
+
+
+def chosen_on_scored_split(meta: dict) -> bool | None:
+    """True when the variant's checkpoint was chosen (meta `chosen_on`) on the data it is scored on: the same
+    folder, or a dataset with the same content hash; None when the predictions do not say how it was chosen."""
+    chosen = meta.get("chosen_on")
+    if not isinstance(chosen, dict):
+        return None
+    if meta.get("data") and Path(chosen.get("data", "")).resolve() == Path(meta["data"]).resolve():
+        return True
+    content = lambda version: (version or {}).get("content_sha256")
+    return content(chosen.get("version")) is not None and content(chosen.get("version")) == content(meta.get("benchmark_version"))
+
+
+def _choice_orders(pred_path: Path, rows: list[dict]) -> list[list[dict]] | None:
+    """Per-item (match, chosen choice, chosen position, answer position) in the original order and in every
+    PRED.perm<k>.json that `infer shuffle_choices=K` wrote beside it; None when there are none."""
+    orders = [[{k: r[k] for k in ("key", "match", "predicted", "position", "gold_position")} for r in rows]]
+    k = 1
+    while (path := pred_path.with_name(f"{pred_path.stem}.perm{k}{pred_path.suffix}")).is_file():
+        order, seen = [], Counter()
+        for item in load_predictions(path):
+            match = item_match(item)
+            if match is None:
+                continue
+            seen[str(item.get("id"))] += 1
+            label, position = resolve_choice(prediction_text(item) or "", item["choices"])
+            order.append({"key": (str(item.get("id")), seen[str(item.get("id"))]), "match": match, "predicted": label,
+                          "position": position, "gold_position": item["choices"].index(item["answer"]) + 1})
+        orders.append(order)
+        k += 1
+    return orders if len(orders) > 1 else None
+
+
+def _choice_order_summary(orders: list[list[dict]] | None) -> dict | None:
+    """Accuracy per order (mean, min), the share of items given the same choice in every order, and where the
+    chosen choice sat against where the right one did, over all orders."""
+    if orders is None:
+        return None
+    by_key = [{r["key"]: r for r in order} for order in orders]
+    common = [key for key in by_key[0] if all(key in order for order in by_key[1:])]
+    accuracy = [_pct(sum(order[key]["match"] for key in common), len(common)) for order in by_key]
+    consistent = sum(len({order[key]["predicted"] for order in by_key}) == 1
+                     and by_key[0][key]["position"] is not None for key in common)
+    every = [order[key] for order in by_key for key in common]
+    return {"orders": len(orders), "n": len(common), "accuracy": accuracy,
+            "mean": round(float(np.mean(accuracy)), 2) if common else None,
+            "min": min(accuracy) if common else None, "consistent": _pct(consistent, len(common)),
+            "positions": {"predicted": _position_shares([r["position"] for r in every]),
+                          "gold": _position_shares([r["gold_position"] for r in every])}}
 
 
 def _format_rate(items: list[dict], default_mode: str | None) -> float | None:
@@ -254,6 +306,8 @@ def _summarise(v: dict, columns: list[str], resamples: int, seed: int) -> dict:
                                     "gold": _distribution([x["answer"] for x in r])} for s, r in subs.items()},
         "answer_position": {"predicted": _position_shares([r["position"] for r in rows]),
                             "gold": _position_shares([r["gold_position"] for r in rows])},
+        "choice_order": _choice_order_summary(v["choice_orders"]),
+        "chosen_on_scored_split": chosen_on_scored_split(v["meta"]),
         "meta": v["meta"],
     }
 
@@ -302,6 +356,7 @@ def build_report(runs: list[tuple[str, str | Path]], out_dir: str | Path, paper_
         "paired_tests": _paired_tests(loaded, columns, resamples, seed),
         "paper_table": read_paper_table(paper_table) if paper_table else [],
         "paper_table_note": PAPER_CAVEAT if paper_table else None,
+        "data_versions": _data_versions(loaded, bool(paper_table)),
         "files": {"markdown": "report.md", "csv": "report.csv", "accuracy_chart": "accuracy.png", "answers_chart": "answers.png"},
     }
     out_dir = Path(out_dir)
@@ -311,6 +366,22 @@ def build_report(runs: list[tuple[str, str | Path]], out_dir: str | Path, paper_
     if write:
         write_report(out_dir, report)
     return report
+
+
+def _data_versions(variants: list[dict], paper_table: bool) -> dict:
+    """What each variant was scored on (its predictions' benchmark_version), as lines for the report; with a paper
+    table, the line that says which MMAU version the paper used against this run's, and how many items differ."""
+    from audio_rft.data.mmau_versions import describe, paper_line
+
+    by_variant = {v["name"]: v["meta"].get("benchmark_version") for v in variants}
+    distinct = list({json.dumps(x, sort_keys=True): x for x in by_variant.values()}.values())
+    if len(distinct) == 1:
+        lines = [f"Data: {describe(distinct[0])}."]
+    else:
+        lines = [f"Data ({name}): {describe(x)}." for name, x in by_variant.items()]
+    if paper_table:
+        lines += [paper_line(x) for x in distinct]
+    return {"by_variant": by_variant, "lines": lines}
 
 
 def write_report(out_dir: str | Path, report: dict, appendix: str = "") -> None:
@@ -374,6 +445,12 @@ def render_markdown(report: dict) -> str:
     md = ["# Evaluation report", "",
           f"Scoring: {report['scoring']}. Cells: accuracy % [95% CI, {ci['method']}, {ci['resamples']:,} resamples, seed {ci['seed']}].",
           "Balanced accuracy: mean per-answer recall within each sub-category (a constant answer scores 1/K), item-weighted.", ""]
+    md += [*report.get("data_versions", {}).get("lines", []), ""]
+    for v in variants:
+        if v.get("chosen_on_scored_split"):
+            md += [f"**{v['name']}: its checkpoint was chosen on the split it is scored on**, so its score is the best "
+                   f"of several tries on these items, not an estimate for new ones: choose on a dev split "
+                   f"(scripts/eval_checkpoints.sh with DEV=).", ""]
     if not report["same_items"]:
         md += ["**Variants were not scored on the same items**: compare the paired tests (common items only), not the raw table.", ""]
     md += ["## Accuracy (%), laid out as the paper's Table 1", ""]
@@ -426,6 +503,7 @@ def render_markdown(report: dict) -> str:
                      [[label(v), *(f"{v['answer_position']['predicted'].get(p, 0):.0%}" for p in positions)] for v in variants]
                      + [[f"right answers ({v['name']}'s items)", *(f"{v['answer_position']['gold'].get(p, 0):.0%}" for p in positions)]
                         for v in gold_rows])
+    md += _choice_order_section(variants)
     if report["paper_table"]:
         md += ["## The paper's numbers (theirs)", "", f"*{report['paper_table_note']}*", ""]
         md += _table(["model", "method", "prompt", "sound", "music", "speech", "average", "source"],
@@ -434,6 +512,31 @@ def render_markdown(report: dict) -> str:
     md += _curves_section(report.get("training_curves") or [])
     md += ["Charts: accuracy.png (accuracy with 95% CI whiskers), answers.png (predicted-answer shares per sub-category).", ""]
     return "\n".join(md)
+
+
+def _choice_order_section(variants: list[dict]) -> list[str]:
+    """Accuracy under each order of the choices (`infer shuffle_choices=K`), consistency, and chosen positions."""
+    shuffled = [v for v in variants if v.get("choice_order")]
+    if not shuffled:
+        return []
+    orders = max(v["choice_order"]["orders"] for v in shuffled)
+    md = ["## Choice order", "",
+          "Each item answered again with its choices in seeded random orders (the prompt shows them in that order). "
+          "A model that reads the choices, not their positions, scores the same in every order; consistent = the "
+          "same choice in every order.", ""]
+    md += _table(["variant", "original", *(f"order {k}" for k in range(1, orders)), "mean", "min", "consistent %", "n"],
+                 [[v["name"], *(_fmt(a) for a in v["choice_order"]["accuracy"]),
+                   *(["—"] * (orders - v["choice_order"]["orders"])), _fmt(v["choice_order"]["mean"]),
+                   _fmt(v["choice_order"]["min"]), _fmt(v["choice_order"]["consistent"]), v["choice_order"]["n"]]
+                  for v in shuffled])
+    positions = list(dict.fromkeys(p for v in shuffled for side in ("gold", "predicted")
+                                   for p in v["choice_order"]["positions"][side]))
+    positions = sorted((p for p in positions if p != "none"), key=int) + (["none"] if "none" in positions else [])
+    md += ["Chosen position against the right answer's, over all orders:", ""]
+    md += _table(["", *positions], [row for v in shuffled for row in (
+        [f"{v['name']}: chosen", *(f"{v['choice_order']['positions']['predicted'].get(p, 0):.0%}" for p in positions)],
+        [f"{v['name']}: right answer", *(f"{v['choice_order']['positions']['gold'].get(p, 0):.0%}" for p in positions)])])
+    return md
 
 
 def _raw_output_section(variants: list[dict]) -> list[str]:

@@ -199,25 +199,56 @@ def format_raw_output(result: dict) -> str | None:
 
 
 def score_file(path: str | Path, output: str | Path | None = None, key: str | None = None,
-               extract: str | None = None) -> dict:
+               extract: str | None = None, rule: str = "mmau") -> dict:
+    """Score a prediction file by `rule`: MMAU's here; MMAR's, MMSU's or AIR-Bench's by eval/benchmarks.py."""
+    from audio_rft.eval.benchmarks import check_rule, score_benchmark_file
+
+    check_rule(rule)
+    if rule != "mmau":
+        if key is not None or extract is not None:
+            raise UserError(f"--rule {rule} reads the key its official script reads; --key and --extract are for mmau")
+        result = score_benchmark_file(path, rule)
+        result["benchmark_version"] = read_meta(path).get("benchmark_version")
+        if output is not None:
+            atomic_write_json(output, result)
+        return result
     items = load_predictions(path)
     try:
         result = score_predictions(items, key, extract)
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
+    meta = read_meta(path)
     if key != "model_output" and extract is None:
-        result["extract"] = read_meta(path).get("extract")  # how `audio-rft infer` wrote model_prediction, when known
+        result["extract"] = meta.get("extract")  # how `audio-rft infer` wrote model_prediction, when known
+    result["benchmark_version"] = meta.get("benchmark_version")  # which release of the benchmark file was scored
+    result["rule"] = "mmau"
+    # MMAU's evaluation.py at its head reads model_output and skips an item without that key; here such an item
+    # is scored on model_prediction (or counted wrong), so say how many there are
+    result["summary"]["official_skips"] = sum("model_output" not in item for item in items if item.get("answer") is not None)
     if output is not None:
         atomic_write_json(output, result)
     return result
 
 
 def _run(args) -> int:
-    result = score_file(args.predictions, args.output, args.key, args.extract)
-    print(format_summary(result["summary"]))
-    raw = format_raw_output(result)
-    if raw:
-        print(raw)
+    result = score_file(args.predictions, args.output, args.key, args.extract, args.rule)
+    if result.get("benchmark_version"):
+        from audio_rft.data.mmau_versions import describe
+
+        print(f"Scored on: {describe(result['benchmark_version'])}")
+    if args.rule != "mmau":
+        from audio_rft.eval.benchmarks import format_benchmark_summary
+
+        print(format_benchmark_summary(result))
+    else:
+        print(format_summary(result["summary"]))
+        raw = format_raw_output(result)
+        if raw:
+            print(raw)
+        skips = result["summary"]["official_skips"]
+        if skips:
+            print(f"MMAU's evaluation.py (at its head) would skip {skips} items that have no model_output; "
+                  f"here they are scored on model_prediction, or counted wrong without one")
     if args.output:
         print(f"wrote {args.output}")
     return 0
@@ -225,12 +256,16 @@ def _run(args) -> int:
 
 def add_parser(subparsers: Any, command: str) -> None:
     p = subparsers.add_parser(
-        command, help="score predictions with the MMAU rule",
-        description="Score an MMAU-format prediction file with the benchmark's own rule: the extracted prediction "
-                    "(model_prediction) and, beside it, the raw output (model_output), which is what MMAU's "
-                    "official evaluation.py reads at its head. --key scores one field only.")
+        command, help="score predictions with a benchmark's official rule (MMAU by default)",
+        description="Score a prediction file with a benchmark's own rule. --rule mmau (the default): the extracted "
+                    "prediction (model_prediction) and, beside it, the raw output (model_output), which is what MMAU's "
+                    "official evaluation.py reads at its head; --key scores one field only. --rule mmar / mmsu / "
+                    "airbench: that benchmark's official script's rule, reading its own prediction key "
+                    "(answer_prediction / response / response), with its per-category tables and the count of "
+                    "what it skips. Rules that need a judge model (sakura, mmau-pro, mmar-rubrics) are not offered.")
     p.add_argument("predictions", metavar="PRED.json", help="JSON list of items with model_prediction and/or model_output")
     p.add_argument("--output", metavar="SCORED.json", help="write the summaries and per-item matches here")
+    p.add_argument("--rule", default="mmau", help="mmau (default), mmar, mmsu or airbench")
     p.add_argument("--key", choices=KEYS, help="score exactly this field, as it is (model_output: as the official "
                                                "script at MMAU's head; model_prediction: as its README says)")
     p.add_argument("--extract", choices=list(EXTRACTORS),

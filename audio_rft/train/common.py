@@ -441,7 +441,7 @@ def held_out_accuracy(engine: Engine, processor, config: TrainConfig) -> dict[st
 
 def greedy_accuracy(core, processor, config: TrainConfig) -> dict[str, float]:
     """held_out_accuracy's measurement on a plain (unwrapped) model."""
-    from audio_rft.answers import extract_answer, follows_format, is_correct
+    from audio_rft.answers import completion_correct, follows_format
     from audio_rft.data.dataset import load_dataset
     from audio_rft.eval.infer import predict
 
@@ -449,8 +449,8 @@ def greedy_accuracy(core, processor, config: TrainConfig) -> dict[str, float]:
     samples = [s for s in load_dataset(config.eval_data, limit=config.eval_limit) if s.answer is not None]
     outputs = predict(core, processor, config.eval_data, samples, mode, config.eval_batch_size,
                       max_new_tokens=64 if mode == "think" else 16)
-    exact = [is_correct(extract_answer(t), s.answer, s.choices, "exact") for (t, _), s in zip(outputs, samples)]
-    mmau = [is_correct(extract_answer(t), s.answer, s.choices, "mmau") for (t, _), s in zip(outputs, samples)]
+    exact = [completion_correct(t, s.answer, s.choices, "exact") for (t, _), s in zip(outputs, samples)]
+    mmau = [completion_correct(t, s.answer, s.choices, "mmau") for (t, _), s in zip(outputs, samples)]
     fmt = [follows_format(t, mode) for t, _ in outputs]
     return {"eval/accuracy": float(np.mean(exact)), "eval/accuracy_mmau": float(np.mean(mmau)),
             "eval/format": float(np.mean(fmt)), "eval/n": len(samples)}
