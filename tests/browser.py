@@ -91,6 +91,7 @@ class Browser:
         if binary is None:
             raise FileNotFoundError("no chromium binary on PATH")
         profile.mkdir(parents=True, exist_ok=True)
+        (profile / "DevToolsActivePort").unlink(missing_ok=True)  # an earlier browser's port
         self.process = subprocess.Popen([binary, *FLAGS, f"--user-data-dir={profile}", "--window-size=1400,1000",
                                          "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                         start_new_session=True)

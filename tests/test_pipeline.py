@@ -117,7 +117,7 @@ def test_smoke_pipeline_runs_every_stage_and_writes_the_report(smoke):
     assert "## Pipeline run" in (run_dir / "report.md").read_text()
     # report.html in both folders, each with one row per test item and clips linked relative to itself
     for page in (run_dir / "report.html", run_dir / "report" / "report.html"):
-        clips = re.findall(r'<audio controls preload="none" src="([^"]+)"', page.read_text())
+        clips = re.findall(r'<button type="button" class="play" data-src="([^"]+)"', page.read_text())
         assert len(clips) == 24 and len(set(clips)) == 24
         assert all(not Path(c).is_absolute() and (page.parent / c).resolve().is_relative_to(run_dir / "data" / "test")
                    and (page.parent / c).is_file() for c in clips)

@@ -33,6 +33,7 @@ from audio_rft.eval.score import (DIFFICULTY_ORDER, TASK_ORDER, item_match, load
 from audio_rft.fileio import atomic_write_text
 
 PAGE = "report.html"
+ROWS_SHOWN = 200  # matching rows shown at once ("show more" adds as many): layout cost stays flat at 1,000 items
 AUDIO_TYPES = {".wav": "audio/wav", ".flac": "audio/flac", ".mp3": "audio/mpeg", ".ogg": "audio/ogg", ".m4a": "audio/mp4"}
 _THINK = re.compile(r"<think>(.*?)(?:</think>|$)", re.DOTALL)
 # headings of report.md whose sections the page shows open; the others start collapsed
@@ -241,12 +242,15 @@ def _answer_html(answer: dict | None, column: dict) -> str:
         return '<td class="ans missing" title="not in this variant\'s predictions">—</td>'
     outcome = {1: ("right", "✓"), 0: ("wrong", "✗"), None: ("unscored", "·")}[answer["match"]]
     label = answer["label"]
-    shown = html.escape(label) if answer["is_choice"] else f'{html.escape(label)}: “{html.escape(answer["text"][:200])}”'
+    text = " ".join(answer["text"].split())
+    quoted = text if len(text) <= 60 else text[:59] + "…"  # the whole of it is under "raw output"
+    shown = html.escape(label) if answer["is_choice"] or not text else f'{html.escape(label)}: “{html.escape(quoted)}”'
     parts = [f'<span class="mark">{outcome[1]}</span> {shown}']
     if column["prompt"] == "think" or answer["reasoning"] is not None:
         reasoning = answer["reasoning"] if answer["reasoning"] is not None else "(no <think> block) " + (answer["output"] or "")
         parts.append(f"<details><summary>reasoning</summary><pre>{html.escape(reasoning)}</pre></details>")
-    elif isinstance(answer["output"], str) and answer["output"].strip() not in (answer["text"], f"<answer>{answer['text']}</answer>"):
+    elif isinstance(answer["output"], str) and (quoted != text or answer["output"].strip() not in (
+            answer["text"], f"<answer>{answer['text']}</answer>")):
         parts.append(f"<details><summary>raw output</summary><pre>{html.escape(answer['output'])}</pre></details>")
     classes = f"ans {outcome[0]}" + (" control" if column["control"] else "")
     return f'<td class="{classes}">' + "".join(parts) + "</td>"
@@ -260,7 +264,9 @@ def _audio_html(item: dict, page_dir: Path, embed_audio: bool) -> str:
         return f'<td class="clip"><span class="note" title="{html.escape(str(clip))}">clip not found</span></td>'
     mime = AUDIO_TYPES.get(clip.suffix.lower(), "audio/wav")
     src = _data_uri(clip, mime) if embed_audio else _link(clip, page_dir)
-    return f'<td class="clip"><audio controls preload="none" src="{html.escape(src)}"></audio></td>'
+    # a button that becomes the player when pressed: a thousand <audio controls> make the page slow to lay out
+    return (f'<td class="clip"><button type="button" class="play" data-src="{html.escape(src)}" '
+            f'title="{html.escape(clip.name)}">▶ play</button></td>')
 
 
 def _order(values: list[str], known: tuple[str, ...]) -> list[str]:
@@ -301,6 +307,8 @@ def render_html(report: dict, runs: list[tuple[str, str | Path]], markdown: str,
     chips = "".join(f'<button type="button" class="chip" data-outcome="{v}">{html.escape(label)} <span class="count"></span></button>'
                     for v, label in outcomes)
 
+    widths = ["40px", "170px", "260px", "64px", "110px", "72px", *[""] * len(columns)]
+    colgroup = "".join(f'<col style="width:{w}">' if w else "<col>" for w in widths)
     head_cells = ['<th data-sort="n" class="sortable">#</th>', '<th>clip</th>',
                   '<th data-sort="question" class="sortable">question · choices (✓ the answer)</th>',
                   '<th data-sort="task" class="sortable">task</th>', '<th data-sort="sub" class="sortable">sub-category</th>',
@@ -320,7 +328,7 @@ def render_html(report: dict, runs: list[tuple[str, str | Path]], markdown: str,
         row += [_answer_html(a, c) for a, c in zip(item["answers"], columns)]
         rows.append(f'<tr data-n="{n}">' + "".join(row) + "</tr>")
 
-    data = {"columns": columns, "tasks": tasks, "difficulties": difficulties,
+    data = {"columns": columns, "tasks": tasks, "difficulties": difficulties, "rows_shown": ROWS_SHOWN,
             # per item: task, sub-category, difficulty, id, question, each column's match (1/0/null; -1 absent), label
             "items": [[i["task"], i["sub"], i["difficulty"], i["id"], i["question"],
                        [-1 if a is None else a["match"] for a in i["answers"]],
@@ -328,9 +336,10 @@ def render_html(report: dict, runs: list[tuple[str, str | Path]], markdown: str,
     payload = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
     title = "audio-rft report" + (f" · {report['pipeline']['path']}" if report.get("pipeline") else "")
     return _TEMPLATE.format(
-        title=html.escape(title), css=_CSS, summary=summary, charts=charts, n=len(items),
+        title=html.escape(title), css=_CSS, step=ROWS_SHOWN, summary=summary, charts=charts, n=len(items),
         filters=select("task", "task", tasks) + select("sub", "sub-category", subs) + select("difficulty", "difficulty", difficulties),
-        chips=chips, head="".join(head_cells), rows="\n".join(rows), data=payload, script=_SCRIPT)
+        chips=chips, colgroup=colgroup, min_width=716 + 130 * len(columns), head="".join(head_cells),
+        rows="\n".join(rows), data=payload, script=_SCRIPT)
 
 
 def write_html(out_dir: str | Path, report: dict, runs: list[tuple[str, str | Path]], markdown: str | None = None,
@@ -365,14 +374,17 @@ _TEMPLATE = """<!DOCTYPE html>
 <h2>Items: listen to each clip beside every variant's answer</h2>
 <div class="filters">{filters} <button type="button" id="reset">reset</button></div>
 <div class="chips">{chips}</div>
-<p class="shown"><strong id="shown-count">{n}</strong> of {n} items shown <span id="shown-note"></span></p>
-<table id="item-table">
+<p class="shown"><strong id="shown-count">{n}</strong> of {n} items match <span id="shown-note"></span></p>
+<table id="item-table" style="min-width:{min_width}px">
+<colgroup>{colgroup}</colgroup>
 <thead><tr>{head}</tr></thead>
 <tbody>
 {rows}
 </tbody>
 </table>
 <p id="empty" hidden>No item matches these filters.</p>
+<p id="more" hidden><span id="more-note"></span> <button type="button" id="show-more">show {step} more</button>
+<button type="button" id="show-all">show all</button></p>
 </section>
 </main>
 <script type="application/json" id="report-data">{data}</script>
@@ -412,20 +424,22 @@ figcaption { color: var(--muted); font-size: 12px; }
 .chip .count { color: var(--muted); }
 .chip.active .count { color: #dbe9ff; }
 .shown { margin: 6px 0; color: var(--muted); }
-#item-table { width: 100%; font-size: 13px; }
+#item-table { width: 100%; font-size: 13px; table-layout: fixed; }
 #item-table th, #item-table td { border-bottom: 1px solid var(--line); padding: 5px 6px; vertical-align: top; text-align: left; }
 #item-table thead th { position: sticky; top: 30px; background: #f6f8fa; z-index: 2; border-bottom: 2px solid #afb8c1; }
 th.sortable { cursor: pointer; user-select: none; }
 th.sorted-asc::after { content: " ▲"; } th.sorted-desc::after { content: " ▼"; }
 th .sub { font-weight: normal; color: var(--muted); font-size: 11px; }
 th .score { font-weight: normal; font-size: 12px; }
-td.clip audio { width: 210px; height: 32px; }
-td.q { min-width: 260px; max-width: 420px; }
+td.clip audio { width: 100%; height: 32px; }
+button.play { font: inherit; padding: 4px 12px; border: 1px solid #afb8c1; border-radius: 16px; background: #fff; cursor: pointer; }
+button.play:hover { background: #f3f4f6; }
+#more { margin: 10px 0; }
+td.q, td.ans { overflow-wrap: anywhere; }
 .question { font-weight: 600; }
 ol.choices { margin: 2px 0; padding-left: 20px; }
 ol.choices li.answer { color: var(--right); font-weight: 600; }
 .id { color: var(--muted); font-size: 11px; }
-td.ans { min-width: 110px; max-width: 260px; }
 td.ans.right .mark { color: var(--right); font-weight: 700; }
 td.ans.wrong .mark { color: var(--wrong); font-weight: 700; }
 td.ans.wrong { background: #fff5f4; }
@@ -436,18 +450,20 @@ td.ans pre { white-space: pre-wrap; word-break: break-word; margin: 2px 0; font-
 .note { color: var(--muted); font-style: italic; }
 """
 
-# Filtering toggles `hidden` on rows rendered once; sorting re-appends them in one fragment; every count comes
-# from the JSON. The state lives in the URL hash, so the paired-test links (and a shared link) set a filter.
+# Filtering toggles `hidden` on rows rendered once, and shows at most `rows_shown` of the matching ones (in the
+# sorted order) until "show more"; sorting re-appends the rows in one fragment; every count comes from the JSON.
+# The state lives in the URL hash, so the paired-test links (and a shared link) set a filter.
 _SCRIPT = r"""
 (function () {
   "use strict";
   var data = JSON.parse(document.getElementById("report-data").textContent);
-  var columns = data.columns, items = data.items, V = columns.length;
+  var columns = data.columns, items = data.items, V = columns.length, STEP = data.rows_shown;
   var tbody = document.querySelector("#item-table tbody");
   var rows = Array.prototype.slice.call(tbody.rows);
+  var order = rows.map(function (_, i) { return i; });
   var selects = Array.prototype.slice.call(document.querySelectorAll("select[data-filter]"));
   var chips = Array.prototype.slice.call(document.querySelectorAll(".chip"));
-  var state = { task: "", sub: "", difficulty: "", outcome: "", sort: "n", dir: 1 };
+  var state = { task: "", sub: "", difficulty: "", outcome: "", sort: "n", dir: 1, limit: STEP };
   var FIELD = { task: 0, sub: 1, difficulty: 2 };
 
   function scored(item) { return item[5].filter(function (m) { return m === 0 || m === 1; }); }
@@ -476,23 +492,27 @@ _SCRIPT = r"""
   }
 
   function apply() {
-    var test = outcomeTest(state.outcome), shown = 0, right = new Array(V).fill(0), scoredN = new Array(V).fill(0);
+    var test = outcomeTest(state.outcome), matching = 0, right = new Array(V).fill(0), scoredN = new Array(V).fill(0);
     var inFacet = [];
-    for (var i = 0; i < items.length; i++) {
-      var it = items[i], facet = facetTest(it), visible = facet && test(it);
+    for (var k = 0; k < order.length; k++) {
+      var i = order[k], it = items[i], facet = facetTest(it), match = facet && test(it);
       if (facet) inFacet.push(it);
+      var visible = match && matching < state.limit;
       if (rows[i].hidden === visible) rows[i].hidden = !visible;
-      if (!visible) continue;
-      shown++;
+      if (!match) continue;
+      matching++;
       for (var j = 0; j < V; j++) {
         if (it[5][j] === 0 || it[5][j] === 1) { scoredN[j]++; right[j] += it[5][j]; }
       }
     }
-    document.getElementById("shown-count").textContent = shown;
-    document.getElementById("empty").hidden = shown > 0;
-    for (var k = 0; k < V; k++) {
-      document.getElementById("score-" + k).textContent = scoredN[k]
-        ? right[k] + "/" + scoredN[k] + " right (" + (100 * right[k] / scoredN[k]).toFixed(1) + "%)" : "";
+    document.getElementById("shown-count").textContent = matching;
+    document.getElementById("empty").hidden = matching > 0;
+    var more = matching > state.limit;
+    document.getElementById("more").hidden = !more;
+    document.getElementById("more-note").textContent = more ? "Showing the first " + state.limit + " of " + matching + "." : "";
+    for (var c = 0; c < V; c++) {
+      document.getElementById("score-" + c).textContent = scoredN[c]
+        ? right[c] + "/" + scoredN[c] + " right (" + (100 * right[c] / scoredN[c]).toFixed(1) + "%)" : "";
     }
     chips.forEach(function (chip) {
       var name = chip.getAttribute("data-outcome"), t = outcomeTest(name);
@@ -522,11 +542,11 @@ _SCRIPT = r"""
   }
   function sort() {
     var keys = rows.map(function (_, i) { return sortKey(i); });
-    var order = rows.map(function (_, i) { return i; });
     order.sort(function (a, b) {
       var c = compare(keys[a], keys[b]);
       return c !== 0 ? state.dir * c : a - b;  // ties keep the report's order
     });
+    apply();  // which rows are among the first shown depends on the order
     var fragment = document.createDocumentFragment();
     order.forEach(function (i) { fragment.appendChild(rows[i]); });
     tbody.appendChild(fragment);
@@ -553,9 +573,10 @@ _SCRIPT = r"""
       var eq = part.indexOf("="), k = part.slice(0, eq);
       if (eq > 0 && (k in FIELD || k === "outcome")) state[k] = decodeURIComponent(part.slice(eq + 1));
     });
+    state.limit = STEP;
     return true;
   }
-  function changed() { writeHash(); apply(); }
+  function changed() { state.limit = STEP; writeHash(); apply(); }
 
   selects.forEach(function (s) {
     s.addEventListener("change", function () { state[s.getAttribute("data-filter")] = s.value; changed(); });
@@ -566,6 +587,8 @@ _SCRIPT = r"""
   document.getElementById("reset").addEventListener("click", function () {
     state.task = state.sub = state.difficulty = state.outcome = ""; changed();
   });
+  document.getElementById("show-more").addEventListener("click", function () { state.limit += STEP; apply(); });
+  document.getElementById("show-all").addEventListener("click", function () { state.limit = Infinity; apply(); });
   document.querySelectorAll("th.sortable").forEach(function (th) {
     th.addEventListener("click", function () {
       var key = th.getAttribute("data-sort");
@@ -574,6 +597,20 @@ _SCRIPT = r"""
       sort();
     });
   });
+  // A clip's player is made when its button is pressed; one clip plays at a time.
+  tbody.addEventListener("click", function (event) {
+    var button = event.target.closest("button.play");
+    if (!button) return;
+    var audio = document.createElement("audio");
+    audio.controls = true;
+    audio.src = button.getAttribute("data-src");
+    button.replaceWith(audio);
+    var playing = audio.play();
+    if (playing) playing.catch(function () {});  // refused autoplay: the controls are there to press
+  });
+  document.addEventListener("play", function (event) {
+    document.querySelectorAll("audio").forEach(function (a) { if (a !== event.target) a.pause(); });
+  }, true);
   window.addEventListener("hashchange", function () {
     if (readHash()) { apply(); document.getElementById("items").scrollIntoView(); }
   });
