@@ -228,8 +228,10 @@ def test_cli_writes_the_page(tmp_path):
 
 @pytest.mark.skipif(find_chromium() is None, reason="no chromium on PATH (.ci/run installs Debian's chromium with "
                                                     "apt-get where apt is available)")
-def test_in_a_browser_filters_change_the_visible_rows(page, tmp_path):
-    path, report, _ = page
+def test_in_a_browser_filters_change_the_visible_rows(page, tmp_path, monkeypatch):
+    path, report, runs = page
+    monkeypatch.setattr("audio_rft.eval.html.ROWS_SHOWN", 5)
+    paged = write_html(tmp_path / "paged", report, runs, source_dir=path.parent)
     names = [c["name"] for c in column_order(report["variants"])]
     browser = Browser(tmp_path / "profile")
     try:
@@ -270,6 +272,15 @@ def test_in_a_browser_filters_change_the_visible_rows(page, tmp_path):
 
         shot = browser.screenshot(tmp_path / "report.png")
         assert shot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and shot.stat().st_size > 10_000
+
+        # at most ROWS_SHOWN matching rows at once; "show more" adds as many, "show all" the rest
+        browser.call("Page.navigate", url=paged.as_uri())
+        browser.wait_for("Page.loadEventFired")
+        assert visible(5) == 5 and browser.evaluate("document.getElementById('shown-count').textContent") == str(N)
+        browser.click("#show-more")
+        assert visible(10) == 10
+        browser.click("#show-all")
+        assert visible(N) == N and browser.evaluate("document.getElementById('more').hidden")
         browser.call("Runtime.evaluate", expression="0")  # drains the events that arrived meanwhile
     finally:
         browser.quit()
