@@ -15,7 +15,7 @@ from urllib.parse import unquote
 import numpy as np
 import pytest
 
-from audio_rft.eval.html import column_order, write_html
+from audio_rft.eval.html import column_order, markdown_html, write_html
 from audio_rft.eval.report import build_report
 from browser import Browser, find_chromium
 from conftest import write_audio
@@ -45,7 +45,8 @@ def _run_folder(root: Path) -> tuple[Path, list[tuple[str, Path]]]:
             answer = PITCH[i % 3]
             said = answer if right[i] else PITCH[(i + 1) % 3]
             output = (f"<think>it sounds {said} to me</think>" if PROMPT[name] == "think" else "") + f"<answer>{said}</answer>"
-            items.append({"id": f"q{i}", "audio": f"audio/q{i}.wav", "question": f"Which pitch is tone {i}?",
+            # markup in a question must reach the reader as text, in the rows and in the page's JSON
+            items.append({"id": f"q{i}", "audio": f"audio/q{i}.wav", "question": f"Which pitch is tone {i}? <b>&amp;</script>",
                           "choices": PITCH, "answer": answer, "task": ("sound", "music", "speech")[i % 3],
                           "sub_category": "Pitch" if i < 8 else "Tone", "difficulty": ("easy", "hard")[i % 2],
                           "model_output": output, "model_prediction": said, "prompt_mode": PROMPT[name]})
@@ -155,6 +156,8 @@ def test_one_row_per_item_with_clips_that_play_from_a_copied_folder(page, tmp_pa
         clip = (moved / "report" / unquote(row["audio"])).resolve()
         assert clip.is_file() and clip.is_relative_to(moved)
         assert "".join(row["answer"]).strip() == f"{PITCH[i % 3]} ✓"  # the right choice is marked
+        assert row["cells"][2]["text"].startswith(f"Which pitch is tone {i}? <b>&amp;</script>")
+    assert [it[4] for it in _data(text)["items"]] == [f"Which pitch is tone {i}? <b>&amp;</script>" for i in range(N)]
 
 
 def test_the_control_sits_beside_its_twin_and_every_answer_is_marked(page):
@@ -290,3 +293,18 @@ def test_in_a_browser_filters_change_the_visible_rows(page, tmp_path, monkeypatc
     assert not errors, errors
     requests = [e["params"]["request"]["url"] for e in browser.events if e.get("method") == "Network.requestWillBeSent"]
     assert requests and all(u.startswith(("file:", "data:")) for u in requests), requests
+
+
+def test_report_markdown_becomes_html_with_everything_escaped():
+    markdown = "\n".join([
+        "# Evaluation report", "", "Scoring: **MMAU** rule, `mmau_match` <b>not bold</b>.", "",
+        "## Accuracy (%)", "", "| variant | note |", "|---|---|", "| a\\|b | *said* <i> |", "",
+        "## Per difficulty", "", "- one", "- two", "", "![curves](curves-grpo.png)", ""])
+    text = markdown_html(markdown, {}, lambda name: f"src:{name}")
+    assert "<h1>Evaluation report</h1>" in text
+    assert "<strong>MMAU</strong>" in text and "<code>mmau_match</code>" in text and "&lt;b&gt;not bold&lt;/b&gt;" in text
+    assert '<details class="section" id="s-accuracy" open>' in text and '<details class="section" id="s-per-difficulty">' in text
+    assert "<td>a|b</td><td><em>said</em> &lt;i&gt;</td>" in text  # an escaped pipe stays in its cell
+    assert "<ul><li>one</li><li>two</li></ul>" in text.replace("\n", "")
+    assert '<img class="chart" alt="curves" src="src:curves-grpo.png">' in text
+    assert text.count("<details") == text.count("</details>") == 2

@@ -118,7 +118,7 @@ def page_items(report: dict, runs: list[tuple[str, str | Path]]) -> tuple[list[d
 # ---------------------------------------------------------------- report.md, as HTML
 
 def _inline(text: str) -> str:
-    """The inline markup report.md uses: `code`, **bold**, *italic*, [text](link); everything else escaped."""
+    """The inline markup report.md uses: `code`, **bold**, *italic*; everything else escaped."""
     out, last = [], 0
     for m in re.finditer(r"`([^`]+)`", text):
         out += [_emphasis(text[last:m.start()]), f"<code>{html.escape(m.group(1))}</code>"]
