@@ -233,6 +233,8 @@ def _print_summary(pipe: Pipeline, outcomes: list[Outcome]) -> None:
     if (pipe.out / "report.md").is_file() and any(o.kind == "report" and o.status in ("ran", "resumed", "up to date")
                                                   for o in outcomes):
         _print(f"report: {pipe.out / 'report.md'}")
+        if (pipe.out / "report.html").is_file():
+            _print(f"listen: {pipe.out / 'report.html'} (open it in a browser)")
 
 
 # ---------------------------------------------------------------- command line
@@ -283,7 +285,7 @@ ${stage} is that stage's folder (DIR/<stage>) and makes it an input of this one;
 above may be referenced. Each kind's config keys are those of its command (`audio-rft sft --help`, ...);
 `out` is always the stage's folder. See pipelines/README.md.
 
-Outputs: DIR/report.md, report.json, report.csv and the PNG charts (from the report stage), DIR/run.json
+Outputs: DIR/report.md, report.json, report.csv, the PNG charts and report.html (from the report stage), DIR/run.json
 (the resolved pipeline and what this run did). Exit status: 0 done, 2 for a mistake in the pipeline or a
 failed stage (rerun to resume), 130 interrupted."""
 

@@ -72,6 +72,9 @@ class ReportConfig:
     paper_table: str | None = option(None, "CSV of the paper's numbers, shown beside ours and labelled as theirs")
     seed: int = option(0, "bootstrap seed")
     resamples: int = option(2000, "bootstrap resamples")
+    html: bool = option(True, "write report.html: every test item's clip beside each variant's answer, with filters")
+    embed_audio: bool = option(False, "embed the clips in report.html (a page that works alone; large) instead of "
+                                      "linking them relative to the page")
 
 
 # ---------------------------------------------------------------- the resolved pipeline
@@ -420,8 +423,17 @@ def _run_report(pipe: Pipeline, stage: Stage, fresh: bool, records: dict[str, di
     for path in [stage.folder / n for n in TOP_LEVEL_COPIES] + sorted(stage.folder.glob("*.png")):
         shutil.copyfile(path, pipe.out / f".{path.name}.tmp")
         os.replace(pipe.out / f".{path.name}.tmp", pipe.out / path.name)
+    if c.html:
+        from audio_rft.eval.html import write_html
+
+        # one page per folder rather than a copy: the clips are linked relative to where the page is
+        for folder in (stage.folder, pipe.out):
+            write_html(folder, report, runs, embed_audio=c.embed_audio, source_dir=stage.folder)
+    else:  # an earlier run's page would show other numbers
+        for folder in (stage.folder, pipe.out):
+            (folder / "report.html").unlink(missing_ok=True)
     _print(f"  wrote {pipe.out / 'report.md'} (+ report.json, report.csv, "
-           + ", ".join(p.name for p in sorted(stage.folder.glob('*.png'))) + ")")
+           + ", ".join(p.name for p in sorted(stage.folder.glob('*.png'))) + (", report.html" if c.html else "") + ")")
 
 
 def _training_stages(pipe: Pipeline, listing: list[dict]) -> dict[str, Path]:

@@ -115,6 +115,13 @@ def test_smoke_pipeline_runs_every_stage_and_writes_the_report(smoke):
     for name in ("report.md", "report.csv", "accuracy.png", "answers.png"):
         assert (run_dir / name).is_file() and (run_dir / name).read_bytes() == (run_dir / "report" / name).read_bytes()
     assert "## Pipeline run" in (run_dir / "report.md").read_text()
+    # report.html in both folders, each with one row per test item and clips linked relative to itself
+    for page in (run_dir / "report.html", run_dir / "report" / "report.html"):
+        clips = re.findall(r'<button type="button" class="play" data-src="([^"]+)"', page.read_text())
+        assert len(clips) == 24 and len(set(clips)) == 24
+        assert all(not Path(c).is_absolute() and (page.parent / c).resolve().is_relative_to(run_dir / "data" / "test")
+                   and (page.parent / c).is_file() for c in clips)
+    assert f"listen: {run_dir / 'report.html'}" in stdout
     # stage records: complete, hashed, timed, and each input is a stage referenced in the config
     inputs = {"data": [], "base-model": ["data"], "warmup": ["base-model", "data"], "sft": ["warmup", "data"],
               "grpo": ["warmup", "data"], "grpo-think": ["warmup", "data"],

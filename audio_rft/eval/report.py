@@ -707,7 +707,11 @@ def parse_runs(specs: list[str], names: str | None = None) -> list[tuple[str, st
 
 
 def _run(args) -> int:
-    report = build_report(parse_runs(args.runs, args.names), args.out, args.paper_table, args.seed, args.resamples)
+    runs = parse_runs(args.runs, args.names)
+    report = build_report(runs, args.out, args.paper_table, args.seed, args.resamples)
+    if args.html or args.embed_audio:
+        from audio_rft.eval.html import write_html
+        write_html(args.out, report, runs, embed_audio=args.embed_audio)
     for v in report["variants"]:
         cells = "  ".join(f"{c} {_acc_ci(v['accuracy'][c], v['ci95'][c])}" for c in report["columns"])
         print(f"{v['name']}: {cells}  (n={v['n']}, balanced {_fmt(v['balanced_accuracy'])})")
@@ -720,7 +724,8 @@ def _run(args) -> int:
             verdict = "significant at 0.05" if t["significant"] else "not significant"
             print(f"{t['b']} − {t['a']}: {t['difference']:+.2f} points, McNemar p={t['mcnemar_p']:.3g} ({verdict})")
     print(f"wrote {Path(args.out) / 'report.md'} (+ report.json, report.csv, accuracy.png, answers.png"
-          + "".join(f", {c['png']}" for c in report["training_curves"] if c["png"]) + ")")
+          + "".join(f", {c['png']}" for c in report["training_curves"] if c["png"])
+          + (", report.html" if args.html or args.embed_audio else "") + ")")
     return 0
 
 
@@ -734,4 +739,7 @@ def add_parser(subparsers: Any, command: str) -> None:
     p.add_argument("--names", metavar="a,b,...", help="names for the runs, in order (override NAME= and file stems)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--resamples", type=int, default=RESAMPLES, help=f"bootstrap resamples (default {RESAMPLES})")
+    p.add_argument("--html", action="store_true", help="also write report.html: every item's clip beside each "
+                   "variant's answer, with filters (clips linked relative to the page)")
+    p.add_argument("--embed-audio", action="store_true", help="report.html with the clips embedded (implies --html)")
     p.set_defaults(func=_run)
