@@ -180,6 +180,7 @@ def test_prepare_holds_out_a_dev_split_by_seed(tmp_path, capsys):
     assert cli("prepare", "jsonl", str(src), "--out", str(tmp_path / "d"), "dev=3", "dev_seed=5") == 0
     train, dev = load_dataset(tmp_path / "d" / "train"), load_dataset(tmp_path / "d" / "dev")
     assert len(dev) == 3 and len(train) == 7 and not {s.id for s in dev} & {s.id for s in train}
+    assert {s.split for s in dev} == {"dev"} and {s.split for s in train} == {"train"}
     for part in ("train", "dev"):
         assert validate_dataset(tmp_path / "d" / part) == []
     manifest = json.loads((tmp_path / "d" / "dev" / "manifest.json").read_text())
@@ -203,4 +204,4 @@ def test_prepare_synth_takes_the_dev_split_from_train(tmp_path):
     assert cli("prepare", "synth", "--out", str(tmp_path / "s"), "train=12", "test=4", "dev=4") == 0
     train, dev, test = (load_dataset(tmp_path / "s" / p) for p in ("train", "dev", "test"))
     assert (len(train), len(dev), len(test)) == (8, 4, 4)
-    assert not {s.id for s in dev} & {s.id for s in train} and all(s.split == "train" for s in dev)
+    assert not {s.id for s in dev} & {s.id for s in train} and {s.split for s in dev} == {"dev"}

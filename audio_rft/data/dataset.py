@@ -222,6 +222,8 @@ def split_off_dev(source: str | Path, n: int, seed: int, train_out: str | Path, 
         with DatasetWriter(out, manifest.get("builder", "split"), params) as writer:
             for i in chosen:
                 sample = Sample.from_json(samples[i].to_json())
+                if part == "dev":
+                    sample.split = "dev"  # held out: no longer what it is trained on
                 writer.add(sample, read_wav(source / samples[i].audio))
                 if sample.id in clips:  # where the audio came from, not the copy's own provenance
                     writer.clips[sample.id] = clips[sample.id]
