@@ -236,7 +236,7 @@ def test_in_a_browser_filters_change_the_visible_rows(page, tmp_path, monkeypatc
     monkeypatch.setattr("audio_rft.eval.html.ROWS_SHOWN", 5)
     paged = write_html(tmp_path / "paged", report, runs, source_dir=path.parent)
     names = [c["name"] for c in column_order(report["variants"])]
-    browser = Browser(tmp_path / "profile")
+    browser = Browser(tmp_path / "profile", timeout=60)  # a loaded 2-core machine starts chromium slowly
     try:
         for domain in ("Runtime", "Log", "Page", "Network"):
             browser.call(f"{domain}.enable")

@@ -83,9 +83,9 @@ def column_order(variants: list[dict]) -> list[dict]:
 def page_items(report: dict, runs: list[tuple[str, str | Path]]) -> tuple[list[dict], list[dict]]:
     """(columns, items): one item per (id, occurrence) over all runs, in first-seen order, with each column's answer.
 
-    An answer is {"label": the choice it resolves to (or a marker), "text": the extracted prediction, "match": 1/0
-    (None: unscored), "output": the raw completion, "reasoning": the think block or None}; None where that
-    variant has no such item.
+    An answer is {"label": the choice it resolves to (or a marker such as "(empty)"), "is_choice": whether it is
+    a choice, "text": the extracted prediction, "match": 1/0 (None: unscored), "output": the raw completion,
+    "reasoning": the think block or None}; None where that variant has no such item.
     """
     columns = column_order(report["variants"])
     paths = dict(runs)
