@@ -217,7 +217,8 @@ def test_deepspeed_skipped_steps_change_no_weight_and_no_optimizer_state(runs, t
     reason = deepspeed_or_reason()
     if reason:
         pytest.skip(reason)
-    folders = [runs / f"ds-skip-{stage}-{dtype}" for stage in (2, 3) for dtype in ("fp32", "bf16")]
+    # bf16, where ZeRO had no overflow skip (fp32 ZeRO skips on a non-finite norm); one launch for both stages
+    folders = [runs / f"ds-skip-{stage}-bf16" for stage in (2, 3)]
     jobs = [job for folder in folders
             for job in extra_jobs(tiny_model, synth_data, folder, "deepspeed", zero_stage=int(folder.name[8]),
                                   dtype=folder.name[10:])
