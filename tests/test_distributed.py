@@ -123,6 +123,8 @@ def extra_jobs(tiny_model, synth_data, root: Path, strategy: str, **extra) -> li
                                         **extra), "record_steps": True},
         {"kind": "gradients", "config": sft(tiny_model, synth_data, root / "gradients", batch_size=1, strategy=strategy,
                                             lora=False, **extra)},
+        {"kind": "gradients", "config": sft(tiny_model, synth_data, root / "gradients-bf16", batch_size=1,
+                                            strategy=strategy, lora=False, **{**extra, "dtype": "bf16"})},
     ]
 
 
@@ -172,17 +174,18 @@ def test_ranks_draw_different_dropout_masks(runs, strategy):
 
 
 def gradient_share(folder: Path, rank: int) -> float:
-    measured = json.loads((folder / "gradients" / f"gradients-{rank}.json").read_text())
+    measured = json.loads((folder / f"gradients-{rank}.json").read_text())
     return measured["held"] / measured["full_fp32"]
 
 
-def test_fsdp_keeps_gradients_sharded_under_accumulation(runs):
+@pytest.mark.parametrize("case", ["gradients", "gradients-bf16"])
+def test_fsdp_keeps_gradients_sharded_under_accumulation(runs, case):
     """After the first of two micro-batches each fsdp rank holds about half the fp32 gradient (FSDP2 reduce-
     scatters every micro-batch); DDP, for contrast, holds all of it. sft-full (grad_accum 2) still matches one
     process (test_two_processes_match_one_on_the_same_global_batch)."""
     for rank in (0, 1):
-        assert 0.40 < gradient_share(runs / "fsdp", rank) < 0.62
-        assert gradient_share(runs / "ddp", rank) > 0.95
+        assert 0.40 < gradient_share(runs / "fsdp" / case, rank) < 0.62
+        assert gradient_share(runs / "ddp" / case, rank) > 0.95
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -214,12 +217,15 @@ def test_deepspeed_skipped_steps_change_no_weight_and_no_optimizer_state(runs, t
     reason = deepspeed_or_reason()
     if reason:
         pytest.skip(reason)
-    jobs = [job for stage in (2, 3) for job in extra_jobs(tiny_model, synth_data, runs / f"ds-skip-{stage}", "deepspeed",
-                                                        zero_stage=stage)
+    # bf16, where ZeRO had no overflow skip (fp32 ZeRO skips on a non-finite norm); one launch for both stages
+    folders = [runs / f"ds-skip-{stage}-bf16" for stage in (2, 3)]
+    jobs = [job for folder in folders
+            for job in extra_jobs(tiny_model, synth_data, folder, "deepspeed", zero_stage=int(folder.name[8]),
+                                  dtype=folder.name[10:])
             if job["config"]["out"].split("/")[-1].startswith("skip")]
     launch(jobs, runs, plugin_dir)
-    for stage in (2, 3):
-        assert_skipped_steps_change_nothing(runs / f"ds-skip-{stage}", [True, False, True])
+    for folder in folders:
+        assert_skipped_steps_change_nothing(folder, [True, False, True])
 
 
 def test_checkpoint_manifests_split_the_hashing_between_ranks(runs, tmp_path):
