@@ -164,12 +164,25 @@ def build_tiny_preset(preset: str, out: str | Path, corpus_datasets: Iterable[st
     model.generation_config.do_sample = False
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
+        _write_hub_names(model, tmp / "model.safetensors")
         processor.save_pretrained(tmp)
         (tmp / "README.md").write_text(
             f"# audio-rft `{preset}` preset\n\nA randomly initialised Qwen2AudioForConditionalGeneration "
             f"({sum(t.numel() for t in model.parameters()):,} parameters) built offline by `audio-rft tiny-model`.\n"
             f"Preset: {json.dumps(p)}\n")
     return Path(out)
+
+
+def _write_hub_names(model: torch.nn.Module, path: Path) -> None:
+    """Rewrite the saved weights under Qwen2-Audio-7B's hub names (compat.checkpoint_name), which every
+    transformers 5.x and vLLM read: transformers 5.19's save_pretrained writes `language_model.model.model.*`,
+    which vLLM's loader cannot place."""
+    from safetensors.torch import save_file
+
+    from audio_rft.compat import checkpoint_name
+
+    state = {checkpoint_name(name): param.detach().contiguous() for name, param in model.named_parameters()}
+    save_file(state, str(path), metadata={"format": "pt"})
 
 
 @dataclass
