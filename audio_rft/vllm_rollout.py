@@ -162,7 +162,12 @@ def logprob_gap(ours: torch.Tensor, theirs: torch.Tensor, mask: torch.Tensor) ->
 
 
 def start_engine(config, core, processor, device: torch.device, compute_dtype: torch.dtype) -> VLLMRollout:
-    """The engine for a trainer's or a sampler's config (model, max_prompt_tokens, max_completion_length, seed)."""
-    length = getattr(config, "max_prompt_tokens", 2048) + getattr(config, "max_completion_length", 32)
-    return VLLMRollout(config.model, core, processor, compute_dtype, device, length,
-                       getattr(config, "vllm_gpu_memory_utilization", 0.3), config.seed)
+    """The engine for GRPO's or pairs' config (model, max_prompt_tokens, max_completion_length, seed), holding
+    `core`'s weights (a loaded adapter merged in)."""
+    check_rollout_engine("vllm")
+    length = config.max_prompt_tokens + config.max_completion_length
+    engine = VLLMRollout(config.model, core, processor, compute_dtype, device, length,
+                         config.vllm_gpu_memory_utilization, config.seed)
+    if trained_weights(core):  # an adapter, or weights that train: the folder alone is not the policy
+        engine.load_weights(core)
+    return engine

@@ -218,26 +218,62 @@ def grpo_20(tiny30, synth_data, out, engine_name: str):
     from audio_rft.train.grpo import GRPOConfig, train_grpo
 
     train_grpo(GRPOConfig(model=str(tiny30), data=str(synth_data / "train"), out=str(out), max_steps=20, batch_size=4,
-                          grad_accum=1, num_generations=4, max_completion_length=6, save_every=0, report_to=[],
-                          device="cpu", lr=5e-3, temperature=1.0, rewards=[PLUGIN], beta=0.0, num_iterations=1,
-                          log_completions_every=5, seed=0, rollout_engine=engine_name))
+                          grad_accum=1, num_generations=8, max_completion_length=6, save_every=0, report_to=[],
+                          device="cpu", lora=False, lr=3e-3, temperature=1.0, rewards=[PLUGIN], beta=0.0,
+                          num_iterations=1, log_completions_every=5, seed=0, rollout_engine=engine_name))
     return read_metrics(out)
 
 
 @needs_vllm
 @pytest.mark.slow
 def test_20_grpo_steps_on_vllm_move_the_rewards_as_native_does(tiny30, engine, synth_data, plugin_dir, tmp_path):
+    """Measured with these settings (native, main venv): the mean reward of the last five steps 0.44 above the
+    first five's; the test asks each engine for +0.15, from the same start."""
     sys.path.insert(0, str(plugin_dir))
     try:
         runs = {name: grpo_20(tiny30, synth_data, tmp_path / name, name) for name in ("native", "vllm")}
     finally:
         sys.path.remove(str(plugin_dir))
-    trends = {}
+    first, last = {}, {}
     for name, metrics in runs.items():
         reward = [m["reward"] for m in metrics]
-        trends[name] = sum(reward[-5:]) / 5 - sum(reward[:5]) / 5
+        first[name], last[name] = sum(reward[:5]) / 5, sum(reward[-5:]) / 5
     vllm = runs["vllm"]
     assert all("time/weight_sync" in m for m in vllm)
     assert [m["step"] for m in vllm if "vllm/logprob_abs_diff" in m] == [1, 6, 11, 16]
     assert all(m["vllm/logprob_abs_diff"] < 0.05 for m in vllm if "vllm/logprob_abs_diff" in m)
-    assert trends["native"] > 0 and trends["vllm"] > 0, (trends, runs)
+    assert abs(first["vllm"] - first["native"]) < 0.15, (first, last)
+    assert last["native"] > first["native"] + 0.15 and last["vllm"] > first["vllm"] + 0.15, (first, last)
+
+
+@needs_vllm
+def test_infer_on_vllm_writes_the_native_predictions(tiny30, engine, synth_data, tmp_path):
+    import json
+
+    from audio_rft.eval.infer import InferConfig, run_inference
+
+    predictions = {}
+    for name in ("native", "vllm"):
+        out = run_inference(InferConfig(model=str(tiny30), data=str(synth_data / "test"), out=str(tmp_path / f"{name}.json"),
+                                        limit=6, batch_size=4, max_new_tokens=12, device="cpu", dtype="fp32",
+                                        rollout_engine=name))
+        predictions[name] = [(r["id"], r["model_output"], r["completion_tokens"]) for r in json.loads(out.read_text())]
+    assert predictions["vllm"] == predictions["native"]
+
+
+@needs_vllm
+def test_pairs_sampled_on_vllm_do_not_depend_on_the_batch_size(tiny30, engine, synth_data, plugin_dir, tmp_path):
+    from audio_rft.train.pairs import PairsConfig, build_pairs, read_jsonl
+
+    def pairs(batch_size: int):
+        out = build_pairs(PairsConfig(model=str(tiny30), data=str(synth_data / "train"), out=str(tmp_path / str(batch_size)),
+                                      limit=6, num_generations=4, max_completion_length=8, batch_size=batch_size,
+                                      rewards=[PLUGIN], device="cpu", dtype="fp32", rollout_engine="vllm"))
+        return read_jsonl(out / "pairs.jsonl")
+
+    sys.path.insert(0, str(plugin_dir))
+    try:
+        whole, split = pairs(6), pairs(4)
+    finally:
+        sys.path.remove(str(plugin_dir))
+    assert whole == split and len(whole) > 0

@@ -157,7 +157,7 @@ def train_grpo(config: GRPOConfig, fresh: bool = False) -> Path:
     vllm = None
     if config.rollout_engine == "vllm":
         check_rollout_engine("vllm", layout.world, engine.strategy)
-        vllm = start_engine(config, core, processor, layout.device, engine.compute_dtype)
+        vllm = start_engine(config, core, processor, layout.device, engine.compute_dtype)  # synced at each step
 
     for step in range(run.start, config.max_steps):
         step_began = time.perf_counter()
