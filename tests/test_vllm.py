@@ -44,10 +44,12 @@ def test_a_missing_vllm_is_one_line_naming_the_extra(monkeypatch, tiny_model, sy
 def test_unknown_engines_and_layouts_vllm_does_not_serve_are_refused():
     with pytest.raises(UserError, match="choose native or vllm"):
         check_rollout_engine("sglang")
-    check_rollout_engine("native", world=4, strategy="fsdp")
+    check_rollout_engine("native", strategy="fsdp")
     if HAVE_VLLM:
-        with pytest.raises(UserError, match="one process"):
-            check_rollout_engine("vllm", world=2, strategy="ddp")
+        check_rollout_engine("vllm", strategy="ddp")
+        for sharded in ("fsdp", "deepspeed"):
+            with pytest.raises(UserError, match="one process or under ddp"):
+                check_rollout_engine("vllm", strategy=sharded)
 
 
 def test_a_window_vllm_refuses_is_a_user_error_naming_the_preset(tiny_model):
@@ -277,3 +279,33 @@ def test_pairs_sampled_on_vllm_do_not_depend_on_the_batch_size(tiny30, engine, s
     finally:
         sys.path.remove(str(plugin_dir))
     assert whole == split and len(whole) > 0
+
+
+@needs_vllm
+def test_two_ddp_processes_on_vllm_sample_and_learn_what_one_process_does(tiny30, synth_data, plugin_dir, tmp_path):
+    """An engine per rank (vLLM's external_launcher backend), each sampling its share of the prompts with their
+    own seeds: two processes with 2 prompts each see one process's completions for its 4, and step alike."""
+    import os
+    import subprocess
+
+    from helpers import ROOT
+
+    def run(out, processes: int, batch_size: int):
+        keys = [f"model={tiny30}", f"data={synth_data / 'train'}", f"out={out}", "max_steps=2", f"batch_size={batch_size}",
+                "grad_accum=1", "num_generations=4", "max_completion_length=6", "save_every=0", "device=cpu",
+                "threads=1", "lora_dropout=0.0", "beta=0.0", "lr=1e-2", f"rewards=[{PLUGIN}]",
+                "log_completions_every=0", "seed=0", "rollout_engine=vllm"]
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] if processes > 1 else []
+        command = [sys.executable, *launcher, "-m", "audio_rft", "grpo", *keys] + (["strategy=ddp"] if processes > 1 else [])
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+               "PYTHONPATH": f"{plugin_dir}{os.pathsep}{ROOT}"}
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+        assert done.returncode == 0, done.stderr[-4000:]
+        return read_metrics(out)
+
+    one, two = run(tmp_path / "one", 1, 4), run(tmp_path / "two", 2, 2)
+    for a, b in zip(one, two):
+        assert a["reward"] == pytest.approx(b["reward"], abs=1e-6)
+        assert a["completion_length"] == pytest.approx(b["completion_length"], abs=1e-6)
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
+    assert one[1]["reward"] != one[0]["reward"] or one[1]["loss"] != one[0]["loss"]  # something was learned

@@ -156,7 +156,7 @@ def train_grpo(config: GRPOConfig, fresh: bool = False) -> Path:
     temperature = config.temperature if config.temperature > 0 else 1.0  # score the policy that sampled
     vllm = None
     if config.rollout_engine == "vllm":
-        check_rollout_engine("vllm", layout.world, engine.strategy)
+        check_rollout_engine("vllm", engine.strategy)
         vllm = start_engine(config, core, processor, layout.device, engine.compute_dtype)  # synced at each step
 
     for step in range(run.start, config.max_steps):
