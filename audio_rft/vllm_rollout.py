@@ -93,18 +93,22 @@ class VLLMRollout:
 
     def sample(self, processor, samples: list, waveforms: list[np.ndarray], mode: str, num_generations: int = 1,
                max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
-               seeds: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               seeds: list[int] | None = None, stop_tokens: list[int] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`num_generations` completions per prompt: (ids, mask) as rollout.sample returns them (B*G, L), grouped
         by prompt, 1 up to and including the stop token, and vLLM's log-prob of each sampled token (0 where
-        the mask is)."""
+        the mask is). As rollout.sample, `stop_tokens=[]` runs every completion to `max_new_tokens`."""
         from vllm import SamplingParams
 
         seeds = seeds if seeds is not None else [None] * len(samples)
+        fixed = stop_tokens == []
+        stop = self.stop if stop_tokens is None else stop_tokens
         requests = [{"prompt": text, "multi_modal_data": {"audio": (wave, 16_000)}}
                     for text, wave in zip(prompt_strings(processor, samples, mode), waveforms)]
         params = [SamplingParams(n=num_generations, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                                 seed=s, allowed_token_ids=self.allowed, stop_token_ids=self.stop, logprobs=0,
-                                 detokenize=False) for s in seeds]
+                                 seed=s, allowed_token_ids=self.allowed, stop_token_ids=stop or None, logprobs=0,
+                                 ignore_eos=fixed, min_tokens=max_new_tokens if fixed else 0, detokenize=False)
+                  for s in seeds]
         completions = [c for out in self.llm.generate(requests, params, use_tqdm=False) for c in out.outputs]
         width = max(len(c.token_ids) for c in completions)
         ids = torch.full((len(completions), width), self.pad_id, dtype=torch.long)

@@ -309,3 +309,16 @@ def test_two_ddp_processes_on_vllm_sample_and_learn_what_one_process_does(tiny30
         assert a["completion_length"] == pytest.approx(b["completion_length"], abs=1e-6)
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
     assert one[1]["reward"] != one[0]["reward"] or one[1]["loss"] != one[0]["loss"]  # something was learned
+
+
+@needs_vllm
+def test_bench_grpo_measures_ours_on_vllm_beside_native(tiny30, tmp_path):
+    from audio_rft.bench import run_grpo_bench
+
+    result = run_grpo_bench(tiny30, steps=1, completion_tokens=3, think_tokens=0, think_steps=0, warmup=0, threads=1,
+                            G=2, seconds=2.0, variants=("ours", "ours-vllm"), matmul_n=256, log=lambda m: None)
+    for variant in ("ours", "ours-vllm"):
+        assert "error" not in result[variant], result[variant]
+        assert result[variant]["completion_tokens"] == 2 * 3  # fixed length on both engines
+    assert result["ours-vllm"]["profile_seconds"]["weight_sync"] > 0
+    assert result["ours"]["profile_seconds"]["weight_sync"] == 0
