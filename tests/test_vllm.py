@@ -322,3 +322,31 @@ def test_bench_grpo_measures_ours_on_vllm_beside_native(tiny30, tmp_path):
         assert result[variant]["completion_tokens"] == 2 * 3  # fixed length on both engines
     assert result["ours-vllm"]["profile_seconds"]["weight_sync"] > 0
     assert result["ours"]["profile_seconds"]["weight_sync"] == 0
+
+
+@needs_vllm
+def test_a_resumed_vllm_run_samples_and_logs_what_an_uninterrupted_one_does(tiny30, synth_data, plugin_dir, tmp_path):
+    from audio_rft.train.grpo import GRPOConfig, train_grpo
+    from helpers import without_timing
+
+    def run(out, steps):
+        train_grpo(GRPOConfig(model=str(tiny30), data=str(synth_data / "train"), out=str(out), max_steps=steps,
+                              batch_size=2, grad_accum=1, num_generations=4, max_completion_length=6, save_every=1,
+                              report_to=[], device="cpu", lr=1e-2, rewards=[PLUGIN], beta=0.04, lora_dropout=0.0,
+                              log_completions_every=1, seed=0, rollout_engine="vllm"))
+        return [without_timing(m) for m in read_metrics(out)]
+
+    sys.path.insert(0, str(plugin_dir))
+    try:
+        whole = run(tmp_path / "whole", 3)
+        run(tmp_path / "split", 2)
+        split = run(tmp_path / "split", 3)  # a new process would start a new engine: so does this call
+    finally:
+        sys.path.remove(str(plugin_dir))
+    assert [m["step"] for m in split] == [1, 2, 3]
+    for a, b in zip(whole, split):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], abs=1e-6), key
+    completions = (tmp_path / "whole" / "completions.jsonl").read_text()
+    assert completions == (tmp_path / "split" / "completions.jsonl").read_text()
