@@ -45,7 +45,7 @@ class GRPOConfig(TrainConfig):
                                         "micro-batch's tokens: TRL's bnpo), constant (Dr. GRPO)")
     skip_equal_groups: bool = option(False, "drop groups whose rewards are all equal (they carry no signal)")
     log_completions_every: int = option(10, "append sampled completions to completions.jsonl every N steps")
-    rollout_engine: str = option("native", "native (our decode loop) or vllm (one process, 30 s audio window; "
+    rollout_engine: str = option("native", "native (our decode loop) or vllm (one process or ddp, 30 s audio window; "
                                            "pip install 'audio-rft[vllm]', README \"Rollouts on vLLM\")")
     vllm_gpu_memory_utilization: float = option(0.3, "share of the GPU the colocated vLLM engine takes (weights, KV cache)")
 
