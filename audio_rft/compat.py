@@ -22,7 +22,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 __all__ = ["Cache", "CacheLayer", "CACHE_KWARG", "allow_checkpoint_with_cache", "audio_output_lengths",
-           "bidirectional_mask", "declares_tied_weights", "enable_activation_checkpointing", "lm_forward",
+           "bidirectional_mask", "checkpoint_name", "declares_tied_weights", "enable_activation_checkpointing", "lm_forward",
            "output_cache", "prompt_cache", "qwen2_pre_tokenizer", "repeat_cache", "whisper_sinusoids"]
 
 CacheLayer = DynamicLayer
@@ -224,3 +224,20 @@ def tracker_restart_peak(tracker, saved: tuple[int, dict] | None = None) -> tupl
     for device, snap in tracker._curr_mem_snap.items():
         tracker._peak_mem[device], tracker._peak_mem_snap[device] = snap["Total"], dict(snap)
     return before
+
+
+# transformers 5 nests the language model and the audio parts under `model.` in the module tree; Qwen2-Audio-7B's
+# hub checkpoint holds the older names, which vLLM's weight loader reads (5.24's save_pretrained writes them too,
+# 5.19's the new ones).
+_CHECKPOINT_PREFIXES = (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+                        ("model.audio_tower.", "audio_tower."), ("model.multi_modal_projector.", "multi_modal_projector."))
+
+
+def checkpoint_name(parameter_name: str) -> str:
+    """The hub checkpoint's name for a Qwen2AudioForConditionalGeneration parameter (`model.language_model.X`
+    -> `language_model.model.X`, `lm_head.weight` -> `language_model.lm_head.weight`, `model.audio_tower.X` ->
+    `audio_tower.X`). Checked with transformers 5.19.0 and 5.24.0 (tests/test_compat.py loads a file so named)."""
+    for new, old in _CHECKPOINT_PREFIXES:
+        if parameter_name.startswith(new):
+            return old + parameter_name[len(new):]
+    return parameter_name

@@ -45,6 +45,12 @@ PRESETS = {
     "tiny": dict(window_seconds=4, mel_bins=64, audio_width=128, audio_layers=2, audio_heads=4,
                  text_width=128, text_layers=2, text_heads=4, kv_heads=2, head_dim=32, vocab_size=None,
                  tokenizer_vocab=1024, tie_embeddings=True),
+    # The tiny model with Qwen2-Audio's real 30 s window (3000 mel frames, as the 7B), the only window vLLM's
+    # Qwen2-Audio accepts: what the vLLM rollout tests run on. A clip's audio tokens follow its length, not
+    # the window, so prompts are as short as tiny's; the encoder runs over the padded 30 s.
+    "tiny30": dict(window_seconds=30, mel_bins=64, audio_width=128, audio_layers=2, audio_heads=4,
+                   text_width=128, text_layers=2, text_heads=4, kv_heads=2, head_dim=32, vocab_size=None,
+                   tokenizer_vocab=1024, tie_embeddings=True),
     # Qwen2-Audio-7B-Instruct's sequence shapes (128 mels, 30 s window, vocab 156,032, head dim 128)
     # with few, narrow layers: for performance work at real shapes.
     "bench": dict(window_seconds=30, mel_bins=128, audio_width=256, audio_layers=2, audio_heads=4,
@@ -158,12 +164,25 @@ def build_tiny_preset(preset: str, out: str | Path, corpus_datasets: Iterable[st
     model.generation_config.do_sample = False
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
+        _write_hub_names(model, tmp / "model.safetensors")
         processor.save_pretrained(tmp)
         (tmp / "README.md").write_text(
             f"# audio-rft `{preset}` preset\n\nA randomly initialised Qwen2AudioForConditionalGeneration "
             f"({sum(t.numel() for t in model.parameters()):,} parameters) built offline by `audio-rft tiny-model`.\n"
             f"Preset: {json.dumps(p)}\n")
     return Path(out)
+
+
+def _write_hub_names(model: torch.nn.Module, path: Path) -> None:
+    """Rewrite the saved weights under Qwen2-Audio-7B's hub names (compat.checkpoint_name), which every
+    transformers 5.x and vLLM read: transformers 5.19's save_pretrained writes `language_model.model.model.*`,
+    which vLLM's loader cannot place."""
+    from safetensors.torch import save_file
+
+    from audio_rft.compat import checkpoint_name
+
+    state = {checkpoint_name(name): param.detach().contiguous() for name, param in model.named_parameters()}
+    save_file(state, str(path), metadata={"format": "pt"})
 
 
 @dataclass
@@ -318,7 +337,7 @@ def add_parser(subparsers, command: str) -> None:
         description="Build a randomly initialised Qwen2-Audio of the real architecture offline (no download), "
                     "saved with save_pretrained and loadable by AutoProcessor + Qwen2AudioForConditionalGeneration.")
     parser.add_argument("--preset", choices=list(PRESETS), default="tiny",
-                        help="tiny: the CPU demo model (4 s window); bench: Qwen2-Audio-7B's shapes, few narrow layers")
+                        help="tiny: the CPU demo model (4 s window); tiny30: the same with a 30 s window (vLLM's); bench: Qwen2-Audio-7B's shapes, few narrow layers")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--corpus", action="append", default=[], metavar="DATASET_DIR",
                         help="prepared dataset(s) whose prompts also train the tokenizer (repeatable)")

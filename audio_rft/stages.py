@@ -42,7 +42,8 @@ TOP_LEVEL_COPIES = ("report.md", "report.json", "report.csv")  # + every *.png o
 
 @dataclass
 class TinyModelConfig:
-    preset: str = option("tiny", "tiny (the CPU demo model) or bench (Qwen2-Audio-7B's shapes, few narrow layers)")
+    preset: str = option("tiny", "tiny (the CPU demo model), tiny30 (the same with a 30 s window, as vLLM needs) or bench "
+                                 "(Qwen2-Audio-7B's shapes, few narrow layers)")
     corpus: list[str] = option([], "prepared dataset folders whose prompts also train the tokenizer")
     seed: int = option(0, "initialisation seed")
 

@@ -165,3 +165,22 @@ def test_qwen2_audio_declares_no_tied_weights_in_transformers_5():
 
     if int(transformers.__version__.split(".")[0]) == 5:
         assert not compat.declares_tied_weights(Qwen2AudioForConditionalGeneration)
+
+
+def test_checkpoint_names_are_the_hub_checkpoints_names(tiny_model, tmp_path):
+    """A file written under checkpoint_name's names (Qwen2-Audio-7B's hub layout) loads back into every weight."""
+    import shutil
+
+    from safetensors.torch import save_file
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    _, model = load_tiny(tiny_model)
+    for name in ("config.json", "generation_config.json"):
+        shutil.copy(tiny_model / name, tmp_path / name)
+    state = {compat.checkpoint_name(n): p.detach().clone() + 1.0 for n, p in model.named_parameters()}
+    assert "language_model.lm_head.weight" in state and "language_model.model.norm.weight" in state
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    loaded, info = Qwen2AudioForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    for (name, original), (_, reloaded) in zip(model.named_parameters(), loaded.named_parameters()):
+        assert torch.equal(reloaded, original + 1.0), name

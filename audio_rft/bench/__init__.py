@@ -9,7 +9,9 @@
   `generate(num_return_sequences=G)` (the audio encoder and the prompt run G times), a plain forward over
   prompt + completion with the audio features repeated G times and full-vocabulary logits at every
   position (TRL 0.15's selective_log_softmax), the same again for a deep-copied reference model, full
-  fine-tuning of the language model with AdamW, per-sequence mean loss.
+  fine-tuning of the language model with AdamW, per-sequence mean loss;
+- ours-vllm (`--rollout-engine vllm`, beside ours): ours with the G completions sampled on vLLM
+  (audio_rft.vllm_rollout), after pushing the weights the last step trained into it (`weight_sync`).
 
 Each variant lives in its own freshly spawned process (so its peak RSS is its own), and the parent drives
 them step by step, alternately (ours, baseline, ours, baseline, ...), so a change in machine load hits
@@ -74,8 +76,16 @@ def add_parser(subparsers, command: str) -> None:
     grpo.add_argument("--variants", default="ours,baseline")
     grpo.add_argument("--think-variants", help="variants for the think case (default: all of --variants)")
     grpo.add_argument("--seed", type=int, default=0)
+    grpo.add_argument("--rollout-engine", choices=["native", "vllm"], default="native",
+                      help="vllm: also run ours-vllm, ours with its rollout on vLLM (needs audio-rft[vllm])")
 
     def run_grpo(args) -> int:
+        if args.rollout_engine == "vllm":
+            from audio_rft.vllm_rollout import check_rollout_engine
+
+            check_rollout_engine("vllm")
+            if "ours-vllm" not in args.variants.split(","):
+                args.variants += ",ours-vllm"
         model_dir = ensure_model(args.model, args.preset)
         from audio_rft.plan import shapes_for_model
 

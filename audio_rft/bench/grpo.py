@@ -13,7 +13,7 @@ from audio_rft.machine import machine_info
 
 logger = logging.getLogger(__name__)
 
-PHASES = ("rollout", "reference", "policy_forward", "backward", "optimizer")
+PHASES = ("weight_sync", "rollout", "reference", "policy_forward", "backward", "optimizer")  # weight_sync: ours-vllm
 # fp32 rows of V logits per completion token that each variant's peak grows by with longer completions
 # (baseline: policy and reference logits plus a log-softmax temporary, measured 17.6 vs 14.3 GiB from 32 to
 # 256 tokens; ours: at most one, as rollout.token_logprobs keeps no logits for backward). Used only to skip,

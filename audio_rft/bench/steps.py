@@ -26,11 +26,12 @@ class OursStep:
                                    reference=True)
         self.reward_fns, self.weights = build_reward_fns(self.config)
         self.G, self.seed = G, seed
+        self.draw = None  # the sampler, rollout.sample unless a variant brings its own (VLLMStep)
 
     def step(self, sample, wave, L: int, step: int) -> dict:
         import torch
 
-        from audio_rft.rollout import completion_logprobs, decode, encode_prompts, sample as draw
+        from audio_rft.rollout import completion_logprobs, decode, encode_prompts, sample as native_draw
         from audio_rft.train.grpo import group_advantages, grpo_loss, prompt_generators, score_completions
 
         G, engine, core, times = self.G, self.engine, self.engine.core, {}
@@ -39,8 +40,8 @@ class OursStep:
         core.eval()
         # stop_tokens=[]: every completion runs to L tokens, as the baseline's min_new_tokens=L makes its own
         with engine.gathered():
-            ids, mask = engine.run(draw, self.processor, batch, G, L, 1.0, 1.0, prompt_generators(self.seed, step, [0]),
-                                   engine.all_done, stop_tokens=[])
+            ids, mask = engine.run(self.draw or native_draw, self.processor, batch, G, L, 1.0, 1.0,
+                                   prompt_generators(self.seed, step, [0]), engine.all_done, stop_tokens=[])
         texts = decode(self.processor, ids, mask)
         parts = score_completions(texts, [sample] * G, self.reward_fns)
         reward = sum(self.weights[name] * value for name, value in parts.items())
@@ -64,6 +65,34 @@ class OursStep:
         times["optimizer"] = time.perf_counter() - clock
         return {"times": times, "completion_tokens": int(mask.sum()), "shape": list(ids.shape),
                 "prompt_tokens": int(batch.input_ids.shape[1]), "loss": float(loss.detach())}
+
+
+class VLLMStep(OursStep):
+    """OursStep with the rollout on vLLM (rollout_engine=vllm): the weights the last step trained are pushed into
+    the engine first (timed apart, as `weight_sync`), then the G completions are sampled there."""
+
+    def __init__(self, model_dir: str, G: int, seed: int = 0, lr: float = 1e-5):
+        super().__init__(model_dir, G, seed, lr)
+        from audio_rft.vllm_rollout import VLLMRollout, check_rollout_engine
+
+        check_rollout_engine("vllm")
+        self.vllm = VLLMRollout(model_dir, self.engine.core, self.processor, self.engine.compute_dtype,
+                                self.engine.layout.device, seed=seed)
+
+    def step(self, sample, wave, L: int, step: int) -> dict:
+        from audio_rft.vllm_rollout import request_seeds
+
+        weight_sync = self.vllm.load_weights(self.engine.core)
+
+        def vllm_draw(core, processor, batch, G, L, temperature, top_p, generators, all_done, stop_tokens):
+            ids, mask, _ = self.vllm.sample(processor, [sample], [wave], "answer", G, L, temperature, top_p,
+                                            request_seeds(self.seed, step, [0]), stop_tokens)
+            return ids.to(batch.input_ids.device), mask.to(batch.input_ids.device)
+
+        self.draw = vllm_draw
+        result = super().step(sample, wave, L, step)
+        result["times"]["weight_sync"] = weight_sync
+        return result
 
 
 def selective_log_softmax(logits, index):
@@ -167,4 +196,4 @@ class BaselineStep:
                 "prompt_tokens": int(P), "loss": float(loss.detach())}
 
 
-VARIANTS = {"ours": OursStep, "baseline": BaselineStep}
+VARIANTS = {"ours": OursStep, "baseline": BaselineStep, "ours-vllm": VLLMStep}

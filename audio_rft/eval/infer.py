@@ -51,6 +51,9 @@ class InferConfig:
     limit: int | None = option(None, "only the first N items")
     device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
     dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
+    rollout_engine: str = option("native", "native (our decode loop) or vllm (30 s audio window; "
+                                           "pip install 'audio-rft[vllm]', README \"Rollouts on vLLM\")")
+    vllm_gpu_memory_utilization: float = option(0.8, "share of the GPU the vLLM engine takes (weights, KV cache)")
 
 
 def _length_key(folder: Path, sample: Sample) -> tuple:
@@ -71,11 +74,16 @@ def batch_order(folder: Path, samples: list[Sample], batch_size: int) -> list[li
 
 @torch.no_grad()
 def generate_answers(core, processor, folder: Path, samples: list[Sample], mode: str, max_new_tokens: int,
-                     ablate_audio: bool = False) -> list[tuple[str, int]]:
-    """Greedy completions for one batch: (text, completion token count) per sample."""
+                     ablate_audio: bool = False, vllm=None) -> list[tuple[str, int]]:
+    """Greedy completions for one batch: (text, completion token count) per sample; on `vllm` (a
+    vllm_rollout.VLLMRollout) when given, the same tokens (tests/test_vllm.py)."""
     from audio_rft.rollout import decode, encode_prompts, load_waveforms, sample
 
-    batch = encode_prompts(processor, samples, load_waveforms(folder, samples, ablate_audio), mode)
+    waveforms = load_waveforms(folder, samples, ablate_audio)
+    if vllm is not None:
+        ids, mask, _ = vllm.sample(processor, samples, waveforms, mode, 1, max_new_tokens)
+        return list(zip(decode(processor, ids, mask), mask.sum(1).tolist()))
+    batch = encode_prompts(processor, samples, waveforms, mode)
     ids, mask = sample(core, processor, batch.to(core.device), 1, max_new_tokens, temperature=0.0)
     return list(zip(decode(processor, ids, mask), mask.sum(1).tolist()))
 
@@ -141,7 +149,10 @@ def permutation_path(out: str | Path, order: int) -> Path:
 def run_inference(config: InferConfig) -> Path:
     """Predict every item of `config.data` (and, with shuffle_choices=K, again under K seeded orders of its
     choices, into PRED.perm1.json … PRED.permK.json); resumable; returns the predictions file."""
+    from audio_rft.vllm_rollout import check_rollout_engine
+
     check_mode(config.prompt)
+    check_rollout_engine(config.rollout_engine)
     if config.extract not in EXTRACTORS:
         raise UserError(f"unknown extract {config.extract!r} (one of {', '.join(EXTRACTORS)})")
     if not config.model or not config.data or not config.out:
@@ -207,10 +218,19 @@ def _predict_file(config: InferConfig, samples: list[Sample], out: Path, model: 
         out.parent.mkdir(parents=True, exist_ok=True)
         partial.write_text(json.dumps({"meta": meta}) + "\n", encoding="utf-8")
     if not model:
+        from audio_rft.vllm_rollout import VLLMRollout, trained_weights
+
         loaded = load_model(config.model, config.adapter, config.dtype, config.device)
         # inference only: frozen weights let the decode head keep one packed copy for the whole run (frozen_linear)
-        model += [loaded, core_model(loaded.model).eval().requires_grad_(False)]
-    loaded, core = model
+        core = core_model(loaded.model).eval().requires_grad_(False)
+        vllm = None
+        if config.rollout_engine == "vllm":
+            vllm = VLLMRollout(config.model, core, loaded.processor, core.get_input_embeddings().weight.dtype,
+                               core.device, gpu_memory_utilization=config.vllm_gpu_memory_utilization)
+            if trained_weights(core):  # an adapter: its weights merged in
+                vllm.load_weights(core)
+        model += [loaded, core, vllm]
+    loaded, core, vllm = model
     batches = batch_order(folder, samples, config.batch_size)
     started, new_items = time.perf_counter(), 0
     bar = tqdm(total=len(samples), initial=len(done), unit="item",
@@ -221,7 +241,7 @@ def _predict_file(config: InferConfig, samples: list[Sample], out: Path, model: 
                 continue
             shown = [lettered(samples[i]) if config.letter_choices else samples[i] for i in group]
             answers = generate_answers(core, loaded.processor, folder, shown, config.prompt, config.max_new_tokens,
-                                       config.ablate_audio)
+                                       config.ablate_audio, vllm)
             lines = []
             for i, (text, tokens) in zip(group, answers):
                 done[i] = (text, tokens)

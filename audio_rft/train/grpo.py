@@ -46,6 +46,9 @@ class GRPOConfig(TrainConfig):
                                         "micro-batch's tokens: TRL's bnpo), constant (Dr. GRPO)")
     skip_equal_groups: bool = option(False, "drop groups whose rewards are all equal (they carry no signal)")
     log_completions_every: int = option(10, "append sampled completions to completions.jsonl every N steps")
+    rollout_engine: str = option("native", "native (our decode loop) or vllm (one process or ddp, 30 s audio window; "
+                                           "pip install 'audio-rft[vllm]', README \"Rollouts on vLLM\")")
+    vllm_gpu_memory_utilization: float = option(0.3, "share of the GPU the colocated vLLM engine takes (weights, KV cache)")
 
 
 def group_advantages(rewards: torch.Tensor, group: int, scale: bool = True) -> torch.Tensor:
@@ -136,6 +139,7 @@ def train_grpo(config: GRPOConfig, fresh: bool = False) -> Path:
     from audio_rft.prompts import check_mode
     from audio_rft.rollout import (completion_logprobs, decode, encode_prompts, load_waveforms, sample,
                                    with_audio_encoded)
+    from audio_rft.vllm_rollout import check_rollout_engine, logprob_gap, request_seeds, start_engine
 
     check_mode(config.prompt_mode)
     if not (config.model and config.data and config.out):
@@ -145,6 +149,7 @@ def train_grpo(config: GRPOConfig, fresh: bool = False) -> Path:
     if config.num_generations < 2:
         raise UserError("num_generations must be at least 2 (advantages compare answers within a group)")
     reward_fns, weights = build_reward_fns(config)
+    check_rollout_engine(config.rollout_engine)
     samples = [s for s in load_dataset(config.data) if s.answer is not None]
     # Reference policy, the starting one (Engine.run_reference), only where the KL term needs it.
     run = start_run(config, fresh, config.max_steps * config.num_iterations, f"grpo {config.prompt_mode}",
@@ -152,25 +157,42 @@ def train_grpo(config: GRPOConfig, fresh: bool = False) -> Path:
     engine, layout, processor = run.engine, run.layout, run.processor
     core, G = engine.core, config.num_generations
     temperature = config.temperature if config.temperature > 0 else 1.0  # score the policy that sampled
+    vllm = None
+    if config.rollout_engine == "vllm":
+        check_rollout_engine("vllm", engine.strategy)
+        vllm = start_engine(config, core, processor, layout.device, engine.compute_dtype)  # synced at each step
 
     for step in range(run.start, config.max_steps):
         step_began = time.perf_counter()
         timing = {"rollout": 0.0, "reference": 0.0, "policy": 0.0, "optimizer": 0.0}
-        rollouts, reward_parts, totals, lengths, logged = [], [], [], [], []
+        rollouts, reward_parts, totals, lengths, logged, logprob_gaps = [], [], [], [], [], []
+        if vllm is not None:  # the weights of the last optimizer step (or of the resumed checkpoint)
+            timing["weight_sync"] = vllm.load_weights(core)
         try:
             # 1. Rollout: G completions per prompt, rewards, group-normalised advantages.
             for micro in range(config.grad_accum):
                 idx = run.indices(len(samples), step, micro)
                 batch_samples = [samples[i] for i in idx]
                 clock = time.perf_counter()
-                batch = encode_prompts(processor, batch_samples, load_waveforms(config.data, batch_samples),
-                                       config.prompt_mode, config.max_prompt_tokens).to(layout.device)
+                waveforms = load_waveforms(config.data, batch_samples)
+                batch = encode_prompts(processor, batch_samples, waveforms, config.prompt_mode,
+                                       config.max_prompt_tokens).to(layout.device)
                 engine.train(False)  # no dropout while sampling
                 batch = engine.run(with_audio_encoded, batch)  # a frozen encoder runs once for all passes below
-                with engine.gathered():
-                    ids, mask = engine.run(sample, processor, batch, G, config.max_completion_length,
-                                           config.temperature, config.top_p, prompt_generators(config.seed, step, idx),
-                                           engine.all_done)
+                if vllm is None:
+                    with engine.gathered():
+                        ids, mask = engine.run(sample, processor, batch, G, config.max_completion_length,
+                                               config.temperature, config.top_p,
+                                               prompt_generators(config.seed, step, idx), engine.all_done)
+                else:
+                    ids, mask, vllm_logprobs = vllm.sample(processor, batch_samples, waveforms, config.prompt_mode, G,
+                                                           config.max_completion_length, config.temperature,
+                                                           config.top_p, request_seeds(config.seed, step, idx))
+                    ids, mask = ids.to(layout.device), mask.to(layout.device)
+                    if config.log_completions_every and step % config.log_completions_every == 0:
+                        with torch.no_grad():  # one more pass of ours, on logging steps only
+                            ours = engine.run(completion_logprobs, batch, ids, G, temperature=temperature)
+                        logprob_gaps.append(logprob_gap(ours, vllm_logprobs, mask))
                 texts = decode(processor, ids, mask)
                 group_samples = [s for s in batch_samples for _ in range(G)]
                 parts = score_completions(texts, group_samples, reward_fns)
@@ -245,6 +267,7 @@ def train_grpo(config: GRPOConfig, fresh: bool = False) -> Path:
             "frac_reward_zero_std": float((reward.view(-1, G).std(1) == 0).float().mean()),
             "grad_norm": norm, "lr": engine.lr(), "step_seconds": time.perf_counter() - step_began,
             **{f"time/{k}": v for k, v in timing.items()},
+            **({"vllm/logprob_abs_diff": sum(logprob_gaps) / len(logprob_gaps)} if logprob_gaps else {}),
         }
         if logged:
             with open(run.out / "completions.jsonl", "a", encoding="utf-8") as f:

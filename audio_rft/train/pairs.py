@@ -56,6 +56,9 @@ class PairsConfig:
     dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU), bf16, fp32")
     device: str = option("auto", "auto, cpu, cuda")
     threads: int = option(0, "torch CPU threads (0: leave as is)")
+    rollout_engine: str = option("native", "native (our decode loop) or vllm (30 s audio window; "
+                                           "pip install 'audio-rft[vllm]', README \"Rollouts on vLLM\")")
+    vllm_gpu_memory_utilization: float = option(0.3, "share of the GPU the vLLM engine takes (weights, KV cache)")
 
 
 def pick_pair(rewards: list[float]) -> tuple[int, int] | None:
@@ -116,7 +119,9 @@ def sampled_pairs(samples: list, config: PairsConfig, reward_fns: dict, weights:
     from audio_rft.model import core_model, load_model
     from audio_rft.rollout import decode, encode_prompts, load_waveforms, sample, with_audio_encoded
     from audio_rft.train.grpo import prompt_generators
+    from audio_rft.vllm_rollout import check_rollout_engine, request_seeds, start_engine
 
+    check_rollout_engine(config.rollout_engine)
     if config.threads:
         torch.set_num_threads(config.threads)
     if config.num_generations < 2:
@@ -125,17 +130,26 @@ def sampled_pairs(samples: list, config: PairsConfig, reward_fns: dict, weights:
     # sampling only: frozen weights let the decode head keep one packed copy for the whole run (frozen_linear)
     processor, core = loaded.processor, core_model(loaded.model).eval().requires_grad_(False)
     G = config.num_generations
+    vllm = None
+    if config.rollout_engine == "vllm":
+        vllm = start_engine(config, core, processor, core.device, core.get_input_embeddings().weight.dtype)
     pairs, unpaired = [], Counter()
     for start in range(0, len(samples), config.batch_size):
         idx = list(range(start, min(start + config.batch_size, len(samples))))
         batch_samples = [samples[i] for i in idx]
-        batch = encode_prompts(processor, batch_samples, load_waveforms(config.data, batch_samples),
-                               config.prompt_mode, config.max_prompt_tokens).to(core.device)
-        with torch.no_grad():
-            batch = with_audio_encoded(core, batch)
-            # Step 0 of GRPO's generator scheme: a question's completions depend only on (seed, its index).
-            ids, mask = sample(core, processor, batch, G, config.max_completion_length, config.temperature,
-                               config.top_p, prompt_generators(config.seed, 0, idx))
+        waveforms = load_waveforms(config.data, batch_samples)
+        batch = encode_prompts(processor, batch_samples, waveforms, config.prompt_mode,
+                               config.max_prompt_tokens).to(core.device)
+        # Step 0 of GRPO's seed scheme: a question's completions depend only on (seed, its index).
+        if vllm is not None:
+            ids, mask, _ = vllm.sample(processor, batch_samples, waveforms, config.prompt_mode, G,
+                                       config.max_completion_length, config.temperature, config.top_p,
+                                       request_seeds(config.seed, 0, idx))
+        else:
+            with torch.no_grad():
+                batch = with_audio_encoded(core, batch)
+                ids, mask = sample(core, processor, batch, G, config.max_completion_length, config.temperature,
+                                   config.top_p, prompt_generators(config.seed, 0, idx))
         texts = decode(processor, ids, mask)
         # Stopped: the mask ends before the last column, or the last kept token is a stop token.
         last = ids.gather(1, (mask.sum(1) - 1).clamp(min=0)[:, None]).squeeze(1)
