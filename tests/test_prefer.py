@@ -369,6 +369,77 @@ def test_one_pass_logprobs_equal_a_plain_forward(tiny_model, synth_data, choice_
         assert torch.equal(ids[1], ids[-2]) and torch.equal(ids[3], ids[0])
 
 
+def one_process_engine(core):
+    """What Engine.run does in one process without sharding: call the pass on the model."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(run=lambda fn, *args, **kwargs: fn(core, *args, **kwargs))
+
+
+def test_kto_scores_its_mismatched_completions_without_a_graph(tiny_model, synth_data, choice_pairs):
+    """The policy's log-probs of KTO's [own, mismatched] rows equal the one-pass scoring of both; only the own
+    rows carry a gradient (z0 is detached, so the mismatched rows never needed one)."""
+    from audio_rft.data.dataset import load_dataset
+    from audio_rft.model import add_lora, core_model
+    from audio_rft.rollout import completion_logprobs
+    from audio_rft.train.pairs import read_jsonl
+    from audio_rft.train.prefer import PreferConfig, policy_logps, prefer_inputs
+
+    processor, model = load_tiny(tiny_model)
+    model = add_lora(model, rank=4, dropout=0.0)
+    perturb_lora(model, seed=1, scale=0.1)
+    core = core_model(model).eval()
+    folder = str(synth_data / "train")
+    items = read_jsonl(choice_pairs / "singles.jsonl")[:3]
+    by_id = {s.id: s for s in load_dataset(folder)}
+    config = PreferConfig(method="kto")
+    batch, ids, mask = prefer_inputs(processor, folder, by_id, items, "kto", config, "cpu")
+    logps, needs = policy_logps(one_process_engine(core), config, batch, ids)
+    assert needs == {} and logps.shape == ids.shape
+    (logps[1::2] * mask[1::2]).sum().backward(retain_graph=True)  # the mismatched rows: nothing to follow
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters() if p.requires_grad)
+    (logps[0::2] * mask[0::2]).sum().backward()
+    assert any(p.grad is not None and p.grad.any() for p in model.parameters() if p.requires_grad)
+    with torch.no_grad():
+        one_pass = completion_logprobs(core, batch, ids, 2)
+    torch.testing.assert_close((logps * mask).detach(), one_pass * mask, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("nll_tokens", ["completion", "all"])
+def test_orpo_nll_span_is_the_chosen_sequence_or_its_completion(tiny_model, synth_data, choice_pairs, nll_tokens):
+    """nll_tokens=all: the mean NLL over the prompt's text tokens (not padding, not audio placeholders) and the
+    chosen completion's, as one plain forward over prompt + chosen computes it; completion: the chosen's only."""
+    from audio_rft.data.dataset import load_dataset
+    from audio_rft.model import core_model
+    from audio_rft.train.pairs import read_jsonl
+    from audio_rft.train.prefer import PreferConfig, method_loss, policy_logps, prefer_inputs
+
+    processor, model = load_tiny(tiny_model)
+    core = core_model(model).eval()
+    folder = str(synth_data / "train")
+    items = read_jsonl(choice_pairs / "pairs.jsonl")[:3]
+    by_id = {s.id: s for s in load_dataset(folder)}
+    config = PreferConfig(method="orpo", nll_tokens=nll_tokens)
+    batch, ids, mask = prefer_inputs(processor, folder, by_id, items, "orpo", config, "cpu")
+    with torch.no_grad():
+        logps, needs = policy_logps(one_process_engine(core), config, batch, ids)
+        _, stats = method_loss(config, None, items, logps, None, mask, **needs)
+        chosen, chosen_mask = ids[0::2], mask[0::2]
+        out = core(input_ids=torch.cat([batch.input_ids, chosen], 1),
+                   attention_mask=torch.cat([batch.attention_mask, chosen_mask], 1),
+                   input_features=batch.input_features, feature_attention_mask=batch.feature_attention_mask)
+        targets = torch.cat([batch.input_ids, chosen], 1)[:, 1:]
+        token = out.logits[:, :-1].float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+        prompt_len = batch.input_ids.shape[1]
+        keep = torch.cat([batch.attention_mask, chosen_mask], 1)
+        keep = (keep[:, 1:] * keep[:, :-1]).bool() & (targets != core.config.audio_token_id)
+        if nll_tokens == "completion":
+            keep[:, :prompt_len - 1] = False
+    expected = -(token * keep).sum() / keep.sum()
+    assert float(stats["orpo/nll"]) == pytest.approx(float(expected), rel=1e-5)
+    assert (keep[:, :prompt_len - 1].sum() > 0) == (nll_tokens == "all")
+
+
 def prefer_config(tiny_model, pairs, out, **overrides):
     from audio_rft.train.prefer import PreferConfig
 
@@ -408,21 +479,29 @@ def test_short_run_moves_the_margin(tiny_model, choice_pairs, tmp_path, method, 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU (gloo) path")
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_match_one_on_the_same_global_batch(tiny_model, choice_pairs, plugin_dir, tmp_path, strategy):
-    """DPO, LoRA and full: two processes with half the batch each end at the one-process weights.
-    (KTO's mismatched pairs and ORPO's token-mean NLL are per micro-batch, so they depend on the split.)"""
+    """DPO (LoRA and full) and BNF (LoRA): two processes with half the batch each log the one-process losses
+    and end at its weights. (KTO's mismatched pairs and ORPO's token-mean NLL are per micro-batch, so they
+    depend on the split.) KTO's z0 with real collectives: the mean over both processes, then the clamp."""
+    from dataclasses import asdict
+
     from test_distributed import final_weights, launch
 
     from audio_rft.train.prefer import train_prefer
 
-    cases = {"lora": {}, "full": {"lora": False, "lr": 1e-4}}
+    cases = {"lora": {"method": "dpo"}, "full": {"method": "dpo", "lora": False, "lr": 1e-4},
+             "bnf": {"method": "bnf"}}
     jobs, lrs = [], {}
     for name, extra in cases.items():
-        config = dict(method="dpo", max_steps=2, threads=1, **extra)
+        config = dict(max_steps=2, threads=1, **extra)
         train_prefer(prefer_config(tiny_model, choice_pairs, tmp_path / "one" / name, **config))
         two = prefer_config(tiny_model, choice_pairs, tmp_path / strategy / name, batch_size=2, strategy=strategy, **config)
-        jobs.append({"kind": "prefer", "config": __import__("dataclasses").asdict(two)})
+        jobs.append({"kind": "prefer", "config": asdict(two)})
         lrs[name] = two.lr
+    z0_out = tmp_path / strategy / "z0"
+    jobs.append({"kind": "kto_z0", "config": asdict(prefer_config(tiny_model, choice_pairs, z0_out, method="kto"))})
     launch(jobs, tmp_path, plugin_dir)
+    for rank in (0, 1):  # (3 − 2.5) / 2; clamping each process's mean first would give (3 + 0) / 2
+        assert __import__("json").loads((z0_out / f"z0-{rank}.json").read_text()) == pytest.approx(0.25)
     for name in cases:
         one, two = read_metrics(tmp_path / "one" / name), read_metrics(tmp_path / strategy / name)
         assert [m["loss"] for m in two] == pytest.approx([m["loss"] for m in one], abs=1e-5)
