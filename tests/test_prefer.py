@@ -521,5 +521,5 @@ def test_pairs_then_prefer_on_the_command_line(tiny_model, synth_data, tmp_path)
                    timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith(str(out / "final")) and len(read_metrics(out)) == 1
-    bad = run_cli(["prefer", "method=ipo", f"model={tiny_model}", f"pairs={pairs}", f"out={out}"], timeout=60)
+    bad = run_cli(["prefer", "method=ipo", f"model={tiny_model}", f"pairs={pairs}", f"out={out}"], timeout=180)
     assert bad.returncode == 2 and "choose dpo, kto, orpo, bnf" in bad.stderr and bad.stderr.count("\n") == 1
