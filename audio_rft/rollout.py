@@ -304,8 +304,12 @@ class GrowInPlace(CacheLayer):
 
 
 def completion_logprobs(core, batch: PromptBatch, completion_ids: torch.Tensor, num_generations: int,
-                        shared_prefix: bool = True, chunk: int = 4096, temperature: float = 1.0) -> torch.Tensor:
+                        shared_prefix: bool = True, chunk: int = 4096, temperature: float = 1.0,
+                        with_neg_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log π(o_t | q, o_<t) for every completion token: (B*G, L), with π the softmax of logits / temperature.
+
+    With `with_neg_entropy`, also Σ_v π(v) log π(v) at every completion position (B*G, L), without gradient
+    (token_neg_entropy): the V-wide term of BNF's loss.
 
     GRPO passes its sampling temperature, so the policy it scores is the one it sampled from; at T=1
     scoring samples drawn at T=0.7 gives a biased gradient that sharpens the policy without learning.
@@ -337,7 +341,10 @@ def completion_logprobs(core, batch: PromptBatch, completion_ids: torch.Tensor, 
         sequence = torch.cat([embeds.repeat_interleave(num_generations, 0), completion_embeds], dim=1)
         out = lm(inputs_embeds=sequence, attention_mask=full_mask, position_ids=positions, use_cache=False)
         hidden = out.last_hidden_state[:, prompt_mask.shape[1] - 1: -1]
-    return token_logprobs(core.lm_head, hidden, completion_ids, chunk, temperature)
+    logps = token_logprobs(core.lm_head, hidden, completion_ids, chunk, temperature)
+    if not with_neg_entropy:
+        return logps
+    return logps, token_neg_entropy(core.lm_head, hidden, chunk, temperature).view_as(logps)
 
 
 # transformers' dynamic cache layer (compat.CacheLayer) appends each forward's keys to the cache in place: a
@@ -402,6 +409,39 @@ def token_logprobs(head, hidden: torch.Tensor, ids: torch.Tensor, chunk: int = 4
         else:
             parts.append(_chunk_logprobs(head, *args))
     return torch.cat(parts).view_as(ids)
+
+
+def prompt_logprobs(core, batch: PromptBatch, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π(x_j | x_<j) for every prompt token after the first, and the mask of those that are predicted text:
+    (B, P − 1) each. Padding and the audio placeholders (whose embeddings are the clip's features, not tokens the
+    model reads or writes) are masked out. ORPO's `nll_tokens=all` adds these to its NLL term."""
+    embeds = prompt_embeddings(core, batch)
+    out = core.model.language_model(inputs_embeds=embeds, attention_mask=batch.attention_mask,
+                                    position_ids=_positions(batch.attention_mask), use_cache=False)
+    targets = batch.input_ids[:, 1:]
+    mask = (batch.attention_mask[:, 1:] * batch.attention_mask[:, :-1]).bool() & (targets != core.config.audio_token_id)
+    return token_logprobs(core.lm_head, out.last_hidden_state[:, :-1], targets, chunk), mask
+
+
+@torch.no_grad()
+def token_neg_entropy(head, hidden: torch.Tensor, chunk: int = 4096, temperature: float = 1.0,
+                      chunk_elements: int = LOGPROB_CHUNK_ELEMENTS) -> torch.Tensor:
+    """Σ_v p_v log p_v (minus the entropy) of softmax(head(hidden) / temperature) per row, in chunks as
+    token_logprobs, never holding more than one chunk of V-wide logits, and without gradient: as a function of
+    the logits z with p held fixed (sg(p_v) log p_v, BNF's V-wide term) its gradient is
+    p_u − p_u Σ_v p_v = 0, so nothing is lost and nothing V-wide is kept for backward."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    rows = max(1, min(chunk, chunk_elements // _vocab_width(head, flat)))
+    weight = None if any(p.requires_grad for p in head.parameters()) else _plain_weight(head)
+    parts = []
+    for start in range(0, flat.shape[0], rows):
+        piece = flat[start:start + rows]
+        logits = (head(piece) if weight is None else frozen_linear(piece, weight)).float()
+        if temperature != 1.0:
+            logits = logits / temperature
+        logp = logits.log_softmax(-1)
+        parts.append((logp.exp() * logp).sum(-1))
+    return torch.cat(parts).view(hidden.shape[:-1])
 
 
 def _chunk_logprobs(head, hidden: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:

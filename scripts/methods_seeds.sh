@@ -15,7 +15,7 @@ bin=.venv/bin/audio-rft
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 for seed in "${seeds[@]}"; do
   overrides=()
-  for stage in data base-model warmup sft grpo pairs dpo kto orpo; do overrides+=("$stage.seed=$seed"); done
+  for stage in data base-model warmup sft grpo pairs dpo kto orpo bnf; do overrides+=("$stage.seed=$seed"); done
   "$bin" run pipelines/methods.yaml --out "$out/seed-$seed" "${overrides[@]}"
 done
 python3 scripts/methods_table.py "$out" "${seeds[@]}"

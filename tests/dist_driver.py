@@ -1,8 +1,8 @@
 """Run several trainings in one multi-process launch (torchrun starts each process once; the launch is the
 slow part): `torchrun --nproc_per_node 2 tests/dist_driver.py SPEC.json`.
 
-SPEC is a list of {"kind": "sft" | "grpo" | "prefer" | "measure" | "gradients", "config": {...}}, each optionally with
-"checksums" (weights-RANK.txt: a digest of this rank's weights at the end), "record_steps" (steps-RANK.json: per
+SPEC is a list of {"kind": "sft" | "grpo" | "prefer" | "measure" | "gradients" | "load" | "kto_z0", "config": {...}},
+each optionally with "checksums" (weights-RANK.txt: a digest of this rank's weights at the end), "record_steps" (steps-RANK.json: per
 optimizer step, whether it was to be applied and whether this rank's weights or optimizer state changed) and
 "nan_calls" [first, last] (SFT: those calls of sft_nll, 1-based, return NaN).
 
@@ -12,6 +12,8 @@ the RNG dropout uses, to config["out"]/bytes-RANK.json. `gradients` runs the fir
 with grad_accum > 1 (no sync, as train_sft does) and writes the gradient bytes this rank then holds, FSDP2's
 unsharded accumulation buffers included, beside the bytes of the whole fp32 gradient (gradients-RANK.json).
 `load` builds the engine of an SFT config and writes its peak resident memory (memory-RANK.json).
+`kto_z0` gives prefer.method_loss (KTO) mismatched log-ratios of +3 on rank 0 and −2.5 on rank 1 and writes the
+z0 it logs to config["out"]/z0-RANK.json.
 """
 
 from __future__ import annotations
@@ -168,6 +170,20 @@ def nan_calls(first: int, last: int):
     return real
 
 
+def kto_z0(config) -> None:
+    from audio_rft.train.engine import process_layout
+    from audio_rft.train.prefer import method_loss
+
+    layout = process_layout(config)
+    ratio = 3.0 if layout.rank == 0 else -2.5
+    logps = torch.tensor([[-1.0], [ratio], [-1.0], [ratio]])  # [own, mismatched] per item; the reference is 0
+    _, stats = method_loss(config, layout, [{"label": True}, {"label": False}], logps, torch.zeros(4, 1),
+                           torch.ones(4, 1))
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"z0-{layout.rank}.json").write_text(json.dumps(float(stats["kto/z0"])))
+
+
 def main() -> None:
     from audio_rft.config import build_config
     from audio_rft.log import setup_logging
@@ -196,7 +212,7 @@ def main() -> None:
         cls, run = {"sft": (SFTConfig, train_sft), "grpo": (GRPOConfig, train_grpo),
                     "prefer": (PreferConfig, train_prefer),
                     "measure": (GRPOConfig, measure), "gradients": (SFTConfig, gradients),
-                    "load": (SFTConfig, load)}[job["kind"]]
+                    "load": (SFTConfig, load), "kto_z0": (PreferConfig, kto_z0)}[job["kind"]]
         config = build_config(cls, job["config"])
         real_step = record_steps(Path(config.out), lambda engine: engine.layout.rank) if job.get("record_steps") else None
         real_nll = nan_calls(*job["nan_calls"]) if job.get("nan_calls") else None

@@ -15,8 +15,8 @@ from audio_rft.train.common import COMPLETE, STATE_DIR, is_complete
 from audio_rft.train.grpo import GRPOConfig, group_advantages, grpo_loss, train_grpo
 from helpers import (  # noqa: F401 (fixtures)
     one_thread,
-    PLUGIN, adapter_weights, assert_same_weights, load_tiny, perturb_lora, plugin_dir, prompt_batch, read_metrics,
-    samples_of, synth_data, tiny_model, with_plugin, without_timing,
+    PLUGIN, adapter_weights, assert_same_weights, assert_same_weights_but_adam_noise, load_tiny, perturb_lora,
+    plugin_dir, prompt_batch, read_metrics, samples_of, synth_data, tiny_model, with_plugin, without_timing,
 )
 
 # ---------------------------------------------------------------- the loss, by hand
@@ -138,6 +138,133 @@ def test_tokens_after_the_first_eos_are_masked(loss_type):
     torch.testing.assert_close(grad_a, grad_b)
     assert (grad_a[~mask.bool()] == 0).all()
     assert stats_a == pytest.approx(stats_b)
+
+
+# ---------------------------------------------------------------- the loss family: GSPO, CISPO, DAPO, KL × ρ
+
+
+def family_reference(logprobs, old, ref, advantages, mask, beta, eps_low, eps_high, loss_type, importance_sampling,
+                     kl_bias_correction, num_tokens):
+    """grpo_loss's options written from their equations, one completion and one token at a time (float64 scalars
+    that keep autograd, so the gradient is checked too); nothing vectorised is shared with grpo_loss."""
+    N, T = logprobs.shape
+    total = logprobs.new_zeros(())
+    for i in range(N):
+        active = [t for t in range(T) if mask[i, t]]
+        if importance_sampling == "sequence":  # s_i = exp(mean_t (log π − log π_old))
+            s_i = torch.exp(sum(logprobs[i, t] - old[i, t] for t in active) / len(active))
+        row = logprobs.new_zeros(())
+        for t in active:
+            rho = s_i if importance_sampling == "sequence" else torch.exp(logprobs[i, t] - old[i, t])
+            a = advantages[i]
+            if loss_type == "cispo":
+                ell = -torch.minimum(rho, torch.tensor(eps_high, dtype=rho.dtype)).detach() * a * logprobs[i, t]
+            else:
+                ell = -torch.minimum(rho * a, torch.clamp(rho, 1 - eps_low, 1 + eps_high) * a)
+            d = ref[i, t] - logprobs[i, t]
+            kl = torch.exp(d) - d - 1
+            ell = ell + beta * (kl * rho if kl_bias_correction else kl)
+            row = row + ell
+        total = total + (row / len(active) if loss_type == "sequence" else row)
+    if loss_type == "sequence":
+        return total / N
+    if loss_type == "token":
+        return total / mask.sum()
+    return total / num_tokens  # dapo, cispo
+
+
+FAMILY = [  # (loss_type, importance_sampling, kl_bias_correction, epsilon_high)
+    ("sequence", "sequence", False, 0.28), ("token", "sequence", False, 0.28), ("dapo", "sequence", True, 0.28),
+    ("dapo", "token", False, 0.28), ("dapo", "token", True, 0.28), ("sequence", "token", True, 0.28),
+    ("cispo", "token", False, 1.1), ("cispo", "token", True, 1.1), ("cispo", "sequence", False, 1.1),
+]
+
+
+def family_inputs():
+    g = torch.Generator().manual_seed(3)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]], dtype=torch.float64)
+    logprobs = -torch.rand(4, 4, generator=g, dtype=torch.float64) * 2
+    old = logprobs + (torch.rand(4, 4, generator=g, dtype=torch.float64) - 0.5) * 1.2  # ratios from ~0.55 to ~1.8
+    ref = logprobs + (torch.rand(4, 4, generator=g, dtype=torch.float64) - 0.5)
+    return logprobs, old, ref, torch.tensor([1.0, -0.5, 2.0, -1.5], dtype=torch.float64), mask
+
+
+@pytest.mark.parametrize("loss_type, importance_sampling, kl_bias_correction, epsilon_high", FAMILY)
+@pytest.mark.parametrize("beta", [0.0, 0.3])
+def test_loss_family_against_the_equations(loss_type, importance_sampling, kl_bias_correction, epsilon_high, beta):
+    logprobs, old, ref, advantages, mask = family_inputs()
+    num_tokens = float(mask.sum()) if loss_type in ("dapo", "cispo") else None
+    mine = logprobs.clone().requires_grad_()
+    loss, stats = grpo_loss(mine, old, ref, advantages, mask, beta=beta, epsilon_low=0.2, epsilon_high=epsilon_high,
+                            loss_type=loss_type, importance_sampling=importance_sampling,
+                            kl_bias_correction=kl_bias_correction, num_tokens=num_tokens)
+    theirs = logprobs.clone().requires_grad_()
+    expected = family_reference(theirs, old, ref, advantages, mask, beta, 0.2, epsilon_high, loss_type,
+                                importance_sampling, kl_bias_correction, num_tokens)
+    loss.backward()
+    expected.backward()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-12, abs=1e-14)
+    torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-10, atol=1e-12)
+    assert (mine.grad[~mask.bool()] == 0).all()
+    if beta == 0 and loss_type != "cispo":
+        assert 0 < stats["clip_ratio"] < 1  # the inputs exercise both sides of the clip
+
+
+def test_gspo_clips_once_per_sequence():
+    """A completion whose mean log-ratio is past 1 + ε_high has every token clipped (no gradient) even where its
+    own token ratio is inside the range, and the other way round."""
+    mask = torch.ones(2, 2, dtype=torch.float64)
+    old = torch.zeros(2, 2, dtype=torch.float64)
+    logprobs = torch.log(torch.tensor([[1.0, 2.0], [1.5, 0.9]], dtype=torch.float64)).requires_grad_()
+    loss, stats = grpo_loss(logprobs, old, None, torch.ones(2, dtype=torch.float64), mask, beta=0.0,
+                            importance_sampling="sequence")
+    loss.backward()
+    # s_0 = sqrt(1·2) = 1.414 > 1.2: clipped, token 0 (ρ = 1) included; s_1 = sqrt(1.35) = 1.162: inside, token 0
+    # (ρ = 1.5) included. The loss holds −s_1/2 (N = 2), and ∂s_1/∂log π_1t = s_1/2: the gradient is −s_1/4
+    assert stats["clip_ratio"] == pytest.approx(0.5)
+    assert logprobs.grad[0].tolist() == [0.0, 0.0]
+    assert logprobs.grad[1].tolist() == pytest.approx([-math.sqrt(1.35) / 4] * 2)
+    assert float(loss) == pytest.approx(-(1.2 + math.sqrt(1.35)) / 2)
+
+
+def test_cispo_keeps_the_gradient_of_capped_tokens():
+    """PPO's clip drops a token's gradient past 1 + ε; CISPO only caps its weight: −min(ρ, ε_high)·A·∇log π."""
+    old = torch.zeros(1, 2, dtype=torch.float64)
+    logprobs = torch.log(torch.tensor([[1.5, 0.5]], dtype=torch.float64)).requires_grad_()
+    loss, stats = grpo_loss(logprobs, old, None, torch.ones(1, dtype=torch.float64), torch.ones(1, 2), beta=0.0,
+                            loss_type="cispo", epsilon_high=1.2, num_tokens=2.0)
+    loss.backward()
+    assert logprobs.grad[0].tolist() == pytest.approx([-1.2 / 2, -0.5 / 2])
+    assert stats["clip_ratio"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "cispo"])
+def test_global_token_losses_need_the_token_count(loss_type):
+    with pytest.raises(ValueError, match="needs num_tokens"):
+        grpo_loss(torch.zeros(1, 1), None, None, torch.zeros(1), torch.ones(1, 1), loss_type=loss_type)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "cispo"])
+def test_dapo_loss_and_gradient_do_not_depend_on_the_micro_batch_split(loss_type):
+    """One batch whole (grad_accum 1) and in two micro-batches of unequal token counts (grad_accum 2), each with
+    the whole batch's token count: the summed losses and gradients are the same. The per-micro-batch token mean
+    ("token") is not, which is why DAPO's normaliser is counted before the passes."""
+    logprobs, old, ref, advantages, mask = family_inputs()
+    kwargs = dict(beta=0.1, epsilon_high=1.1 if loss_type == "cispo" else 0.28, loss_type=loss_type,
+                  num_tokens=float(mask.sum()))
+    whole_lp = logprobs.clone().requires_grad_()
+    whole, _ = grpo_loss(whole_lp, old, ref, advantages, mask, **kwargs)
+    whole.backward()
+    split_lp = logprobs.clone().requires_grad_()
+    parts = [grpo_loss(split_lp[rows], old[rows], ref[rows], advantages[rows], mask[rows], **kwargs)[0]
+             for rows in (slice(0, 1), slice(1, 4))]  # 4 tokens, then 6
+    sum(parts).backward()
+    assert float(sum(parts)) == pytest.approx(float(whole), rel=1e-12)
+    torch.testing.assert_close(split_lp.grad, whole_lp.grad, rtol=1e-12, atol=1e-14)
+    token_parts = [grpo_loss(logprobs[rows], old[rows], ref[rows], advantages[rows], mask[rows], beta=0.1,
+                             loss_type="token")[0] for rows in (slice(0, 1), slice(1, 4))]
+    token_whole = grpo_loss(logprobs, old, ref, advantages, mask, beta=0.1, loss_type="token")[0]
+    assert float(sum(token_parts)) / 2 != pytest.approx(float(token_whole), rel=1e-3)
 
 
 # ---------------------------------------------------------------- advantages and the policy gradient
@@ -327,6 +454,25 @@ def test_groups_with_equal_rewards_are_skipped(tiny_model, synth_data, tmp_path)
     assert record["frac_reward_zero_std"] == 1.0 and record["reward_std"] == 0.0
     assert record["loss"] == 0.0 and record["grad_norm"] == 0.0 and record["time/policy"] < 1.0
     assert all(not v.any() for k, v in adapter_weights(final).items() if "lora_B" in k)  # B still zero: no step
+
+
+def test_dapo_trains_the_same_for_grad_accum_1_and_2(tiny_model, synth_data, with_plugin, tmp_path):
+    """The same 4 prompts per step as one micro-batch or as two: the trainer counts the step's active tokens
+    before the policy passes, so loss, gradient norm and weights agree (the token counts of the two halves
+    differ, so a per-micro-batch normaliser would not)."""
+    runs = {}
+    for batch_size, grad_accum in ((4, 1), (2, 2)):
+        out = tmp_path / f"accum-{grad_accum}"
+        final = train_grpo(grpo_config(tiny_model, synth_data, out, max_steps=2, batch_size=batch_size,
+                                       grad_accum=grad_accum, loss_type="dapo", num_iterations=1, save_every=0,
+                                       log_completions_every=0, rewards=["accuracy", "format", with_plugin],
+                                       lora_dropout=0.0))
+        runs[grad_accum] = read_metrics(out), adapter_weights(final)
+    (one, weights_one), (two, weights_two) = runs[1], runs[2]
+    assert [m["loss"] for m in two] == pytest.approx([m["loss"] for m in one], rel=1e-5, abs=1e-7)
+    assert [m["grad_norm"] for m in two] == pytest.approx([m["grad_norm"] for m in one], rel=1e-4)
+    assert all(m["grad_norm"] > 0 for m in one)
+    assert_same_weights_but_adam_noise(weights_one, weights_two, lr=5e-3)
 
 
 # ---------------------------------------------------------------- learning (measured, slow)

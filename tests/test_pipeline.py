@@ -429,18 +429,18 @@ def test_a_failing_stage_is_recorded_and_reported_in_one_line(tmp_path):
 
 
 def test_methods_pipeline_compares_every_method_on_one_report(tmp_path):
-    """pipelines/methods.yaml at tiny sizes: pairs built on-policy, DPO, KTO and ORPO beside SFT and GRPO,
+    """pipelines/methods.yaml at tiny sizes: pairs built on-policy, DPO, KTO, ORPO and BNF beside SFT and GRPO,
     one report with paired tests of each method against GRPO and against SFT."""
     run_dir = tmp_path / "methods"
     small = ["data.train=32", "data.test=16", "warmup.max_steps=3", "warmup.batch_size=4"]
-    for stage in ("sft", "grpo", "dpo", "kto", "orpo"):
+    for stage in ("sft", "grpo", "dpo", "kto", "orpo", "bnf"):
         small += [f"{stage}.max_steps=2", f"{stage}.batch_size=2", f"{stage}.save_every=0"]
     # a 3-step warm-up answers at random, so every sampled group ties: the pairs come from the choices here
     small += ["grpo.num_generations=4", "grpo.skip_equal_groups=false", "pairs.source=choices",
               "kto.batch_size=4", "eval.batch_size=16"]
     run_ok(str(ROOT / "pipelines" / "methods.yaml"), "--out", str(run_dir), *small)
     report = json.loads((run_dir / "report.json").read_text())
-    methods = ["base", "sft", "grpo", "dpo", "kto", "orpo"]
+    methods = ["base", "sft", "grpo", "dpo", "kto", "orpo", "bnf"]
     assert [v["name"] for v in report["variants"]] == methods
     assert {v["name"]: v["checkpoint"] for v in report["variants"]}["dpo"] == "dpo/final"
     manifest = json.loads((run_dir / "pairs" / "manifest.json").read_text())
@@ -449,6 +449,6 @@ def test_methods_pipeline_compares_every_method_on_one_report(tmp_path):
     for method in methods:
         for against in ("grpo", "sft"):
             assert method == against or frozenset((method, against)) in tested
-    for stage in ("dpo", "kto", "orpo"):
+    for stage in ("dpo", "kto", "orpo", "bnf"):
         metrics = [json.loads(line) for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
         assert len(metrics) == 2 and "rewards/margin" in metrics[0]

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from audio_rft.train.preference_losses import (dpo_loss, kto_loss, kto_reference_point, mean_token_nll, orpo_loss,
-                                               sequence_logps)
+from audio_rft.train.preference_losses import (bnf_loss, bnf_target, dpo_loss, kto_loss, kto_reference_point,
+                                               mean_token_nll, orpo_loss, sequence_logps)
 from helpers import (  # noqa: F401 (fixtures)
     assert_same_weights_but_adam_noise, one_thread,
     load_tiny, perturb_lora, plugin_dir, prompt_batch, read_metrics, samples_of, synth_data, tiny_model, with_plugin,
@@ -63,9 +63,11 @@ def test_dpo_gradient_raises_chosen_and_lowers_rejected():
 
 def test_kto_reference_point_is_a_clamped_detached_mean():
     policy = t(-1.8, -1.4).requires_grad_()
-    assert float(kto_reference_point(policy, t(-2.0, -2.0))) == pytest.approx(0.4)  # mean(0.2, 0.6)
-    assert not kto_reference_point(policy, t(-2.0, -2.0)).requires_grad
-    assert float(kto_reference_point(t(-3.0, -2.5), t(-2.0, -2.0))) == 0.0  # mean −0.75, clamped at 0
+    assert float(kto_reference_point(policy - t(-2.0, -2.0))) == pytest.approx(0.4)  # mean(0.2, 0.6)
+    assert not kto_reference_point(policy - t(-2.0, -2.0)).requires_grad
+    assert float(kto_reference_point(t(-3.0, -2.5) - t(-2.0, -2.0))) == 0.0  # mean −0.75, clamped at 0
+    # two processes' log-ratios, gathered: the mean of all first (0.25), not the mean of clamped means (1.5)
+    assert float(kto_reference_point(torch.cat([t(3.0, 3.0), t(-2.5, -2.5)]))) == pytest.approx(0.25)
 
 
 def test_kto_by_hand():
@@ -129,6 +131,138 @@ def test_orpo_nll_term_is_sfts_loss_on_the_chosen(tiny_model, synth_data):
         logps = completion_logprobs(core, batch, ids, 2)
         expected, _ = sft_nll(core, batch, chosen, chosen_mask)
     assert float(mean_token_nll(logps[0::2], mask[0::2])) == pytest.approx(float(expected), rel=1e-5)
+
+
+# ---------------------------------------------------------------- BNF
+
+
+def bnf_case(seed=0, rows=6, vocab=7):
+    """Logits of one response token per row (float64), the token, and a reference log-prob per row placed
+    below p on even rows (p ≥ r) and above it on odd rows (p < r); rows alternate desirable / undesirable
+    in pairs so every combination occurs."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 1.5
+    ids = torch.randint(0, vocab, (rows,), generator=g)
+    logp = logits.log_softmax(-1).gather(-1, ids[:, None]).squeeze(-1)
+    shift = torch.rand(rows, generator=g, dtype=torch.float64) * 0.8 + 0.1
+    ref = torch.where(torch.arange(rows) % 2 == 0, logp - shift, torch.minimum(logp + shift, t(-1e-3)))
+    desirable = torch.tensor([True, True, False, False, True, False][:rows])
+    return logits, ids, ref, desirable
+
+
+def full_target(logits, ids, ref):
+    """q over the whole vocabulary from bnf_target's two numbers: q(t) at the token, c·p(v) elsewhere."""
+    p = logits.softmax(-1)
+    q_token, scale = bnf_target(p.gather(-1, ids[:, None]).log().squeeze(-1), ref)
+    q = scale[:, None] * p
+    q[torch.arange(len(ids)), ids] = q_token
+    return q
+
+
+def test_bnf_target_is_a_distribution():
+    logits, ids, ref, _ = bnf_case()
+    q = full_target(logits, ids, ref)
+    assert (q >= 0).all()
+    assert q.sum(-1).tolist() == pytest.approx([1.0] * len(ids), rel=1e-12)
+    p_token = logits.softmax(-1).gather(-1, ids[:, None]).squeeze(-1)
+    below = p_token < ref.exp()  # p < r: the token's target is p/r, the rest spread like p
+    assert q[torch.arange(len(ids)), ids][below].tolist() == pytest.approx((p_token / ref.exp())[below].tolist())
+
+
+def test_bnf_target_is_one_hot_when_policy_reaches_reference_and_loss_is_the_nll():
+    logps = torch.log(t(0.5, 0.3, 0.9)).view(1, 3)
+    ref = torch.log(t(0.4, 0.3, 0.2)).view(1, 3)  # p ≥ r at every token (equal at the second)
+    q_token, scale = bnf_target(logps, ref)
+    assert q_token.tolist() == [[1.0, 1.0, 1.0]] and scale.tolist() == [[0.0, 0.0, 0.0]]
+    neg_entropy = t(-0.7, -1.1, -0.3).view(1, 3)  # any value: its weight c is 0
+    mask = torch.tensor([[1, 1, 1]])
+    positive, _ = bnf_loss(logps, ref, neg_entropy, mask, torch.tensor([True]))
+    negative, _ = bnf_loss(logps, ref, neg_entropy, mask, torch.tensor([False]))
+    nll = -math.log(0.5 * 0.3 * 0.9) / 3  # per-token mean
+    assert float(positive) == pytest.approx(nll) and float(negative) == pytest.approx(-nll)
+
+
+@pytest.mark.parametrize("detached_entropy", [False, True])
+def test_bnf_gradient_wrt_each_logit_is_s_times_p_minus_q(detached_entropy):
+    """Autograd through bnf_loss gives s·(p − q) at every logit (with the V-wide term carrying its own, zero,
+    gradient or detached as the trainer computes it), and a central finite difference of the cross-entropy
+    to the frozen target, −s·Σ_v q(v) log softmax(z)_v, agrees."""
+    logits, ids, ref, desirable = bnf_case()
+    z = logits.clone().requires_grad_()
+    logp_all = z.log_softmax(-1)
+    neg_entropy = (logp_all.exp().detach() * logp_all).sum(-1)
+    if detached_entropy:
+        neg_entropy = neg_entropy.detach()
+    token = logp_all.gather(-1, ids[:, None])
+    losses, _ = bnf_loss(token, ref[:, None], neg_entropy[:, None], torch.ones(len(ids), 1), desirable)
+    losses.sum().backward()
+    s = desirable.double() * 2 - 1
+    q = full_target(logits, ids, ref)
+    torch.testing.assert_close(z.grad, s[:, None] * (logits.softmax(-1) - q), rtol=1e-9, atol=1e-12)
+
+    def frozen_cross_entropy(values):
+        return float((-s[:, None] * q * values.log_softmax(-1)).sum())
+
+    h = 1e-6
+    numeric = torch.zeros_like(logits)
+    for i in range(logits.shape[0]):
+        for v in range(logits.shape[1]):
+            up, down = logits.clone(), logits.clone()
+            up[i, v] += h
+            down[i, v] -= h
+            numeric[i, v] = (frozen_cross_entropy(up) - frozen_cross_entropy(down)) / (2 * h)
+    torch.testing.assert_close(z.grad, numeric, rtol=1e-6, atol=1e-8)
+    p_token = logits.softmax(-1).gather(-1, ids[:, None]).squeeze(-1)
+    r = ref.exp()  # the response token's gradient size: p(1 − r)/r below the reference, 1 − p at or above it
+    size = torch.where(p_token < r, p_token * (1 - r) / r, 1 - p_token)
+    assert z.grad.gather(-1, ids[:, None]).squeeze(-1).abs().tolist() == pytest.approx(size.tolist(), rel=1e-9)
+
+
+def test_bnf_loss_is_normalised_per_response():
+    """A response's loss is the mean over its own tokens, whatever else shares the batch; padding is ignored."""
+    g = torch.Generator().manual_seed(1)
+    logps = -torch.rand(2, 5, generator=g, dtype=torch.float64) * 3
+    ref = -torch.rand(2, 5, generator=g, dtype=torch.float64) * 3
+    neg_entropy = -torch.rand(2, 5, generator=g, dtype=torch.float64) * 2
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]])
+    desirable = torch.tensor([True, False])
+    together, target = bnf_loss(logps, ref, neg_entropy, mask, desirable)
+    for i in range(2):
+        alone, _ = bnf_loss(logps[i:i + 1], ref[i:i + 1], neg_entropy[i:i + 1], mask[i:i + 1], desirable[i:i + 1])
+        assert float(alone) == pytest.approx(float(together[i]), rel=1e-12)
+    garbage = torch.where(mask.bool(), logps, torch.tensor(-1e4, dtype=torch.float64))
+    assert bnf_loss(garbage, ref, neg_entropy, mask, desirable)[0].tolist() == pytest.approx(together.tolist())
+    assert ((target > 0) & (target <= 1)).all()
+
+
+def test_neg_entropy_of_the_completion_pass_is_the_plain_value_in_chunks(tiny_model, synth_data):
+    """completion_logprobs(with_neg_entropy=True) gives Σ_v p log p of a plain forward's logits, in chunks of
+    any size, with no gradient (the log-probs keep theirs)."""
+    from audio_rft.model import add_lora, core_model
+    from audio_rft.rollout import completion_logprobs, token_neg_entropy
+
+    processor, model = load_tiny(tiny_model)
+    model = add_lora(model, rank=4, dropout=0.0)
+    perturb_lora(model, seed=1, scale=0.1)
+    core = core_model(model).eval()
+    folder = synth_data / "train"
+    batch = prompt_batch(processor, folder, samples_of(folder, 2))
+    ids = torch.randint(10, 300, (2, 4), generator=torch.Generator().manual_seed(0))
+    logps, neg_entropy = completion_logprobs(core, batch, ids, 1, with_neg_entropy=True)
+    assert logps.requires_grad and not neg_entropy.requires_grad and neg_entropy.shape == ids.shape
+    with torch.no_grad():
+        out = core(input_ids=torch.cat([batch.input_ids, ids], 1),
+                   attention_mask=torch.cat([batch.attention_mask, torch.ones_like(ids)], 1),
+                   input_features=batch.input_features, feature_attention_mask=batch.feature_attention_mask)
+        logp = out.logits[:, batch.input_ids.shape[1] - 1:-1].float().log_softmax(-1)
+        expected = (logp.exp() * logp).sum(-1)
+        hidden = torch.randn(7, core.config.text_config.hidden_size)
+        whole = token_neg_entropy(core.lm_head, hidden)
+        plain = core.lm_head(hidden).log_softmax(-1)
+    torch.testing.assert_close(neg_entropy, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(whole, (plain.exp() * plain).sum(-1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(token_neg_entropy(core.lm_head, hidden, chunk=3), whole)
+    torch.testing.assert_close(token_neg_entropy(core.lm_head, hidden, chunk_elements=1), whole)
 
 
 # ---------------------------------------------------------------- the pair builder
@@ -235,6 +369,77 @@ def test_one_pass_logprobs_equal_a_plain_forward(tiny_model, synth_data, choice_
         assert torch.equal(ids[1], ids[-2]) and torch.equal(ids[3], ids[0])
 
 
+def one_process_engine(core):
+    """What Engine.run does in one process without sharding: call the pass on the model."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(run=lambda fn, *args, **kwargs: fn(core, *args, **kwargs))
+
+
+def test_kto_scores_its_mismatched_completions_without_a_graph(tiny_model, synth_data, choice_pairs):
+    """The policy's log-probs of KTO's [own, mismatched] rows equal the one-pass scoring of both; only the own
+    rows carry a gradient (z0 is detached, so the mismatched rows never needed one)."""
+    from audio_rft.data.dataset import load_dataset
+    from audio_rft.model import add_lora, core_model
+    from audio_rft.rollout import completion_logprobs
+    from audio_rft.train.pairs import read_jsonl
+    from audio_rft.train.prefer import PreferConfig, policy_logps, prefer_inputs
+
+    processor, model = load_tiny(tiny_model)
+    model = add_lora(model, rank=4, dropout=0.0)
+    perturb_lora(model, seed=1, scale=0.1)
+    core = core_model(model).eval()
+    folder = str(synth_data / "train")
+    items = read_jsonl(choice_pairs / "singles.jsonl")[:3]
+    by_id = {s.id: s for s in load_dataset(folder)}
+    config = PreferConfig(method="kto")
+    batch, ids, mask = prefer_inputs(processor, folder, by_id, items, "kto", config, "cpu")
+    logps, needs = policy_logps(one_process_engine(core), config, batch, ids)
+    assert needs == {} and logps.shape == ids.shape
+    (logps[1::2] * mask[1::2]).sum().backward(retain_graph=True)  # the mismatched rows: nothing to follow
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters() if p.requires_grad)
+    (logps[0::2] * mask[0::2]).sum().backward()
+    assert any(p.grad is not None and p.grad.any() for p in model.parameters() if p.requires_grad)
+    with torch.no_grad():
+        one_pass = completion_logprobs(core, batch, ids, 2)
+    torch.testing.assert_close((logps * mask).detach(), one_pass * mask, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("nll_tokens", ["completion", "all"])
+def test_orpo_nll_span_is_the_chosen_sequence_or_its_completion(tiny_model, synth_data, choice_pairs, nll_tokens):
+    """nll_tokens=all: the mean NLL over the prompt's text tokens (not padding, not audio placeholders) and the
+    chosen completion's, as one plain forward over prompt + chosen computes it; completion: the chosen's only."""
+    from audio_rft.data.dataset import load_dataset
+    from audio_rft.model import core_model
+    from audio_rft.train.pairs import read_jsonl
+    from audio_rft.train.prefer import PreferConfig, method_loss, policy_logps, prefer_inputs
+
+    processor, model = load_tiny(tiny_model)
+    core = core_model(model).eval()
+    folder = str(synth_data / "train")
+    items = read_jsonl(choice_pairs / "pairs.jsonl")[:3]
+    by_id = {s.id: s for s in load_dataset(folder)}
+    config = PreferConfig(method="orpo", nll_tokens=nll_tokens)
+    batch, ids, mask = prefer_inputs(processor, folder, by_id, items, "orpo", config, "cpu")
+    with torch.no_grad():
+        logps, needs = policy_logps(one_process_engine(core), config, batch, ids)
+        _, stats = method_loss(config, None, items, logps, None, mask, **needs)
+        chosen, chosen_mask = ids[0::2], mask[0::2]
+        out = core(input_ids=torch.cat([batch.input_ids, chosen], 1),
+                   attention_mask=torch.cat([batch.attention_mask, chosen_mask], 1),
+                   input_features=batch.input_features, feature_attention_mask=batch.feature_attention_mask)
+        targets = torch.cat([batch.input_ids, chosen], 1)[:, 1:]
+        token = out.logits[:, :-1].float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+        prompt_len = batch.input_ids.shape[1]
+        keep = torch.cat([batch.attention_mask, chosen_mask], 1)
+        keep = (keep[:, 1:] * keep[:, :-1]).bool() & (targets != core.config.audio_token_id)
+        if nll_tokens == "completion":
+            keep[:, :prompt_len - 1] = False
+    expected = -(token * keep).sum() / keep.sum()
+    assert float(stats["orpo/nll"]) == pytest.approx(float(expected), rel=1e-5)
+    assert (keep[:, :prompt_len - 1].sum() > 0) == (nll_tokens == "all")
+
+
 def prefer_config(tiny_model, pairs, out, **overrides):
     from audio_rft.train.prefer import PreferConfig
 
@@ -248,6 +453,8 @@ def prefer_config(tiny_model, pairs, out, **overrides):
     ("dpo", {}),
     ("kto", {"batch_size": 8}),  # all 8 singles each step, so both labels are in every batch
     ("orpo", {}),
+    ("orpo", {"nll_tokens": "all"}),
+    ("bnf", {"batch_size": 8}),
     ("dpo", {"lora": False, "lr": 1e-3, "max_steps": 4}),  # full fine-tuning: the frozen copy is the reference
 ])
 def test_short_run_moves_the_margin(tiny_model, choice_pairs, tmp_path, method, overrides):
@@ -292,21 +499,29 @@ def test_a_run_from_an_adapter_starts_at_its_reference(tiny_model, choice_pairs,
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU (gloo) path")
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_match_one_on_the_same_global_batch(tiny_model, choice_pairs, plugin_dir, tmp_path, strategy):
-    """DPO, LoRA and full: two processes with half the batch each end at the one-process weights.
-    (KTO's mismatched pairs and ORPO's token-mean NLL are per micro-batch, so they depend on the split.)"""
+    """DPO (LoRA and full) and BNF (LoRA): two processes with half the batch each log the one-process losses
+    and end at its weights. (KTO's mismatched pairs and ORPO's token-mean NLL are per micro-batch, so they
+    depend on the split.) KTO's z0 with real collectives: the mean over both processes, then the clamp."""
+    from dataclasses import asdict
+
     from test_distributed import final_weights, launch
 
     from audio_rft.train.prefer import train_prefer
 
-    cases = {"lora": {}, "full": {"lora": False, "lr": 1e-4}}
+    cases = {"lora": {"method": "dpo"}, "full": {"method": "dpo", "lora": False, "lr": 1e-4},
+             "bnf": {"method": "bnf"}}
     jobs, lrs = [], {}
     for name, extra in cases.items():
-        config = dict(method="dpo", max_steps=2, threads=1, **extra)
+        config = dict(max_steps=2, threads=1, **extra)
         train_prefer(prefer_config(tiny_model, choice_pairs, tmp_path / "one" / name, **config))
         two = prefer_config(tiny_model, choice_pairs, tmp_path / strategy / name, batch_size=2, strategy=strategy, **config)
-        jobs.append({"kind": "prefer", "config": __import__("dataclasses").asdict(two)})
+        jobs.append({"kind": "prefer", "config": asdict(two)})
         lrs[name] = two.lr
+    z0_out = tmp_path / strategy / "z0"
+    jobs.append({"kind": "kto_z0", "config": asdict(prefer_config(tiny_model, choice_pairs, z0_out, method="kto"))})
     launch(jobs, tmp_path, plugin_dir)
+    for rank in (0, 1):  # (3 − 2.5) / 2; clamping each process's mean first would give (3 + 0) / 2
+        assert __import__("json").loads((z0_out / f"z0-{rank}.json").read_text()) == pytest.approx(0.25)
     for name in cases:
         one, two = read_metrics(tmp_path / "one" / name), read_metrics(tmp_path / strategy / name)
         assert [m["loss"] for m in two] == pytest.approx([m["loss"] for m in one], abs=1e-5)
@@ -326,5 +541,5 @@ def test_pairs_then_prefer_on_the_command_line(tiny_model, synth_data, tmp_path)
                    timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith(str(out / "final")) and len(read_metrics(out)) == 1
-    bad = run_cli(["prefer", "method=bnf", f"model={tiny_model}", f"pairs={pairs}", f"out={out}"], timeout=60)
-    assert bad.returncode == 2 and "BNF is not implemented" in bad.stderr
+    bad = run_cli(["prefer", "method=ipo", f"model={tiny_model}", f"pairs={pairs}", f"out={out}"], timeout=180)
+    assert bad.returncode == 2 and "choose dpo, kto, orpo, bnf" in bad.stderr and bad.stderr.count("\n") == 1

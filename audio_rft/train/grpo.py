@@ -19,7 +19,9 @@ from audio_rft.compat import is_fake
 from audio_rft.config import option
 from audio_rft.train.common import TrainConfig, oom_advice, parse_train_args, print_result, start_run
 
-LOSS_TYPES = ("sequence", "token", "constant")
+LOSS_TYPES = ("sequence", "token", "constant", "dapo", "cispo")
+GLOBAL_TOKEN_LOSSES = ("dapo", "cispo")  # normalised by the active tokens of the whole accumulated batch
+IMPORTANCE_SAMPLING = ("token", "sequence")
 
 
 @dataclass
@@ -43,7 +45,12 @@ class GRPOConfig(TrainConfig):
     epsilon_high: float = option(0.2, "upper clip range: ratio <= 1 + epsilon_high")
     num_iterations: int = option(1, "mu: optimizer updates per rollout batch")
     loss_type: str = option("sequence", "loss aggregation: sequence (mean per completion), token (mean over the "
-                                        "micro-batch's tokens: TRL's bnpo), constant (Dr. GRPO)")
+                                        "micro-batch's tokens: TRL's bnpo), constant (Dr. GRPO), dapo (token sum over "
+                                        "the whole accumulated batch of every process / its active tokens), cispo "
+                                        "(CISPO's objective, aggregated as dapo; epsilon_high is its ratio cap)")
+    importance_sampling: str = option("token", "token (GRPO: one ratio per token) or sequence (GSPO: one ratio per "
+                                               "completion, exp of its mean token log-ratio)")
+    kl_bias_correction: bool = option(False, "multiply the k3 KL by the importance ratio (TRL's use_bias_correction_kl)")
     skip_equal_groups: bool = option(False, "drop groups whose rewards are all equal (they carry no signal)")
     log_completions_every: int = option(10, "append sampled completions to completions.jsonl every N steps")
     rollout_engine: str = option("native", "native (our decode loop) or vllm (one process or ddp, 30 s audio window; "
@@ -62,8 +69,9 @@ def group_advantages(rewards: torch.Tensor, group: int, scale: bool = True) -> t
 
 def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, ref_logprobs: torch.Tensor | None,
               advantages: torch.Tensor, mask: torch.Tensor, beta: float = 0.04, epsilon_low: float = 0.2,
-              epsilon_high: float = 0.2, loss_type: str = "sequence", max_completion_length: int | None = None
-              ) -> tuple[torch.Tensor, dict[str, float]]:
+              epsilon_high: float = 0.2, loss_type: str = "sequence", max_completion_length: int | None = None,
+              importance_sampling: str = "token", kl_bias_correction: bool = False,
+              num_tokens: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The GRPO objective, per token t of completion i (mask m excludes everything after the first EOS):
 
         ρ_it  = exp(log π(o_it) − log π_old(o_it))                  (π_old = π.detach() when μ = 1)
@@ -71,9 +79,25 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, ref_log
         KL_it = exp(ref_it − log π_it) − (ref_it − log π_it) − 1   (k3 estimator; ref = reference policy)
 
         sequence: L = 1/N Σ_i (Σ_t m_it ℓ_it) / (Σ_t m_it)            (GRPO paper, R1-AQA)
-        token:    L = Σ_it m_it ℓ_it / Σ_it m_it                      (per micro-batch: TRL's "bnpo",
-                                                                       not DAPO's mean over the global batch)
+        token:    L = Σ_it m_it ℓ_it / Σ_it m_it                      (per micro-batch: TRL's "bnpo")
         constant: L = Σ_it m_it ℓ_it / (N · max_completion_length)    (Dr. GRPO)
+        dapo:     L = Σ_it m_it ℓ_it / num_tokens                     (DAPO, Yu et al. 2025, arXiv 2503.14476:
+                                                                       the token mean of the whole batch)
+
+    `num_tokens` (dapo, cispo) is the number of active tokens of the whole accumulated batch of every process
+    divided by the number of processes (TRL's num_items_in_batch / num_processes): summing the micro-batch
+    losses, and averaging over processes as DDP does, gives the token mean of the global batch, whatever its
+    split. The trainer counts it before the policy passes and does not divide these losses by grad_accum.
+
+    Options, each as TRL 1.16's GRPOTrainer computes it:
+    - importance_sampling="sequence" (GSPO, Zheng et al. 2025, "Group Sequence Policy Optimization", arXiv 2507.18071):
+      one ratio per completion, s_i = exp(Σ_t m_it (log π_it − log π_old,it) / Σ_t m_it), used for every
+      token of i in ℓ_it (and so clipped once per sequence); the gradient flows through the mean.
+    - loss_type="cispo" (CISPO, MiniMax-M1 report, arXiv 2506.13585): ℓ_it = −sg(min(ρ_it, ε_high))·A_i·log π_it
+      + β·KL_it, aggregated as dapo. ε_high is the cap itself here, not 1 + ε_high (as TRL's epsilon_high
+      for cispo): set it above 1.
+    - kl_bias_correction (TRL's use_bias_correction_kl, from DeepSeek-V3.2): KL_it ← KL_it·ρ_it, with the
+      unclipped, undetached ratio (per sequence under GSPO).
 
     Shapes: logprobs/old/ref/mask (N, L) for N completions of L tokens; advantages (N,). Returns the
     loss and logged statistics.
@@ -83,13 +107,23 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, ref_log
     old = logprobs.detach() if old_logprobs is None else old_logprobs
     # Masked positions are zeroed before exp(): an overflow there would otherwise turn into NaN (inf * 0)
     # in the loss and its gradient.
-    ratio = torch.exp((logprobs - old).masked_fill(~valid, 0.0))
+    log_ratio = (logprobs - old).masked_fill(~valid, 0.0)
+    if importance_sampling == "sequence":
+        log_ratio = (log_ratio.sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)).expand_as(logprobs)
+    elif importance_sampling != "token":
+        raise ValueError(f"unknown importance_sampling {importance_sampling!r}; choose {', '.join(IMPORTANCE_SAMPLING)}")
+    ratio = torch.exp(log_ratio)
     adv = advantages[:, None]
-    per_token = -torch.min(ratio * adv, ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * adv)
+    if loss_type == "cispo":
+        per_token = -ratio.clamp(max=epsilon_high).detach() * adv * logprobs.masked_fill(~valid, 0.0)
+    else:
+        per_token = -torch.min(ratio * adv, ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * adv)
     kl = torch.zeros_like(logprobs)
     if beta and ref_logprobs is not None:
         delta = (ref_logprobs - logprobs).masked_fill(~valid, 0.0)
         kl = torch.exp(delta) - delta - 1
+        if kl_bias_correction:
+            kl = kl * ratio
         per_token = per_token + beta * kl
     lengths = mask.sum(1).clamp(min=1)
     if loss_type == "sequence":
@@ -98,10 +132,17 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, ref_log
         loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
     elif loss_type == "constant":
         loss = (per_token * mask).sum() / (mask.shape[0] * (max_completion_length or mask.shape[1]))
+    elif loss_type in GLOBAL_TOKEN_LOSSES:
+        if not num_tokens:
+            raise ValueError(f"loss_type {loss_type!r} needs num_tokens (the accumulated batch's active tokens)")
+        loss = (per_token * mask).sum() / num_tokens
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}; choose {', '.join(LOSS_TYPES)}")
     with torch.no_grad():
-        clipped = ((ratio < 1 - epsilon_low) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
+        if loss_type == "cispo":
+            clipped = ratio > epsilon_high
+        else:
+            clipped = ((ratio < 1 - epsilon_low) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
         tokens = mask.sum().clamp(min=1)
         stats = {"kl": (kl * mask).sum() / tokens, "clip_ratio": (clipped * mask).sum() / tokens}
     if is_fake(loss):  # a traced step (audio_rft.trace): no values to read
@@ -146,6 +187,8 @@ def train_grpo(config: GRPOConfig, fresh: bool = False) -> Path:
         raise UserError("grpo needs model, data and out (e.g. `audio-rft grpo model=M data=D out=O`)")
     if config.loss_type not in LOSS_TYPES:
         raise UserError(f"loss_type {config.loss_type!r}: choose {', '.join(LOSS_TYPES)}")
+    if config.importance_sampling not in IMPORTANCE_SAMPLING:
+        raise UserError(f"importance_sampling {config.importance_sampling!r}: choose {' or '.join(IMPORTANCE_SAMPLING)}")
     if config.num_generations < 2:
         raise UserError("num_generations must be at least 2 (advantages compare answers within a group)")
     reward_fns, weights = build_reward_fns(config)
@@ -233,6 +276,10 @@ def train_grpo(config: GRPOConfig, fresh: bool = False) -> Path:
             # (no weight or optimizer state changes), its passes made only where the engine needs them.
             any_rollouts = layout.any(any(r[-1] > 0 for r in rollouts))
             passes = any_rollouts or engine.passes_without_signal
+            num_tokens, accumulated = None, config.grad_accum
+            if config.loss_type in GLOBAL_TOKEN_LOSSES:  # each micro-batch's share of the global token mean
+                active = sum(float(r[2].sum()) for r in rollouts if r[-1] > 0)
+                num_tokens, accumulated = max(layout.mean(active), 1.0), 1
             engine.train(True)
             for _ in range(config.num_iterations):
                 clock = time.perf_counter()
@@ -243,9 +290,10 @@ def train_grpo(config: GRPOConfig, fresh: bool = False) -> Path:
                     logprobs = engine.run(completion_logprobs, batch, ids, G, temperature=temperature)
                     loss, stats = grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, config.beta,
                                             config.epsilon_low, config.epsilon_high, config.loss_type,
-                                            config.max_completion_length)
-                    engine.backward(loss * weight / config.grad_accum)
-                    loss_total += float(loss.detach()) * weight / config.grad_accum
+                                            config.max_completion_length, config.importance_sampling,
+                                            config.kl_bias_correction, num_tokens)
+                    engine.backward(loss * weight / accumulated)
+                    loss_total += float(loss.detach()) * weight / accumulated
                     for key in stats_total:
                         stats_total[key] += stats[key] / max(len(rollouts), 1)
                 timing["policy"] += time.perf_counter() - clock
