@@ -490,7 +490,10 @@ def test_a_run_from_an_adapter_starts_at_its_reference(tiny_model, choice_pairs,
     train_prefer(prefer_config(tiny_model, choice_pairs, tmp_path / "run", method=method, adapter=str(tmp_path / "adapter"),
                                max_steps=2, lora_dropout=0.05, batch_size=8 if method == "kto" else 4))
     first, second = read_metrics(tmp_path / "run")
-    assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
+    # KTO's policy scores its own completions in a pass of their own (the mismatched ones without a graph), the
+    # reference both in one: equal up to float summation order, where the raw base would be ~0.1 away.
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+    assert first["rewards/rejected"] == pytest.approx(0.0, abs=1e-6)
     if method == "dpo":
         assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert second["rewards/margin"] != 0.0  # the policy moved from its reference
