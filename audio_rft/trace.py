@@ -29,6 +29,7 @@ workspaces. The fake-tensor pieces rest on torch internals, all in audio_rft.com
 
 from __future__ import annotations
 
+import functools
 import time
 import types
 import weakref
@@ -245,7 +246,7 @@ def decode_bound(core, processor_stub, batch, num_generations: int, max_new_toke
     return output_cache(out), out.last_hidden_state
 
 
-def _grpo_step(engine, config, batches, completions, counter) -> None:
+def _grpo_step(engine, config, batches, completions, counter, shared_prefix: bool = True) -> None:
     from audio_rft.rollout import completion_logprobs, with_audio_encoded
     from audio_rft.train.grpo import grpo_loss
 
@@ -262,21 +263,21 @@ def _grpo_step(engine, config, batches, completions, counter) -> None:
         ref = old = None
         with torch.no_grad(), counter.phase("reference pass"):
             if config.beta:
-                ref = engine.run_reference(completion_logprobs, batch, ids, G, temperature=temperature)
+                ref = engine.run_reference(completion_logprobs, batch, ids, G, shared_prefix, temperature=temperature)
             if config.num_iterations > 1:
-                old = engine.run(completion_logprobs, batch, ids, G, temperature=temperature)
+                old = engine.run(completion_logprobs, batch, ids, G, shared_prefix, temperature=temperature)
         rollouts.append((batch, ids, mask, advantages, ref, old))
     engine.core.train()
     with counter.phase("policy pass"):
         for i, (batch, ids, mask, advantages, ref, old) in enumerate(rollouts):
             engine.sync_gradients(i == len(rollouts) - 1)
-            logprobs = engine.run(completion_logprobs, batch, ids, G, temperature=temperature)
+            logprobs = engine.run(completion_logprobs, batch, ids, G, shared_prefix, temperature=temperature)
             loss, _ = grpo_loss(logprobs, old, ref, advantages, mask, config.beta, config.epsilon_low,
                                 config.epsilon_high, config.loss_type, config.max_completion_length)
             engine.backward(loss / config.grad_accum)
 
 
-def _sft_step(engine, config, batches, completions, counter) -> None:
+def _sft_step(engine, config, batches, completions, counter, shared_prefix: bool = True) -> None:
     from audio_rft.train.sft import sft_nll
 
     engine.core.train()
@@ -298,10 +299,12 @@ def _optimizer_step(engine, config, counter, after_step) -> None:
 
 
 def trace_step(kind: str, config, shapes: dict, world: int, strategy: str, prompt_tokens: int = 830,
-               steps: int = 2, fake: bool = True) -> dict:
+               steps: int = 2, fake: bool = True, shared_prefix: bool = True) -> dict:
     """Trace `steps` optimizer steps of a `kind` ("grpo" or "sft") stage with `config` (GRPOConfig / SFTConfig)
     on rank 0 of `world` processes under `strategy` (none, ddp or fsdp); returns the per-GPU peak in bytes with
-    its breakdown. `fake=False` runs the same step on real CPU tensors (to check the trace at small sizes)."""
+    its breakdown. `fake=False` runs the same step on real CPU tensors (to check the trace at small sizes);
+    `shared_prefix=False` traces GRPO's log-prob passes the naive way (each prompt repeated G times in one
+    sequence: rollout.completion_logprobs' plain path), to compare with ours at the same settings."""
     from audio_rft.model import pick_dtype
     from audio_rft.train.engine import master_dtype
 
@@ -317,8 +320,10 @@ def trace_step(kind: str, config, shapes: dict, world: int, strategy: str, promp
     config = replace(config, strategy=traced_as, device="cpu")
     began = time.perf_counter()
     with _plain_products():
-        return _trace(kind, config, shapes, world, strategy, traced_as, ranks, compute, master, grpo, G, L,
-                      prompt_tokens, steps, fake, began)
+        result = _trace(kind, config, shapes, world, strategy, traced_as, ranks, compute, master, grpo, G, L,
+                        prompt_tokens, steps, fake, began, shared_prefix)
+    result["logprob_pass"] = "shared prefix" if shared_prefix else "repeated sequence (naive)"
+    return result
 
 
 @contextmanager
@@ -335,7 +340,7 @@ def _plain_products():
 
 
 def _trace(kind, config, shapes, world, strategy, traced_as, ranks, compute, master, grpo, G, L, prompt_tokens,
-           steps, fake, began) -> dict:
+           steps, fake, began, shared_prefix) -> dict:
     from audio_rft.compat import fake_materialize, fake_mode, fake_process_group
     from audio_rft.train.common import optimizer_factory
     from audio_rft.train.engine import Layout, build_engine
@@ -357,7 +362,8 @@ def _trace(kind, config, shapes, world, strategy, traced_as, ranks, compute, mas
         batches = [prompt_batch(shapes, config.batch_size, prompt_tokens, audio_id, vocab)
                    for _ in range(config.grad_accum)]
         completions = [torch.randint(0, audio_id, (config.batch_size * G, L)) for _ in range(config.grad_accum)]
-        result = _count(engine, config, grpo, batches, completions, steps)
+        step = functools.partial(_grpo_step if grpo else _sft_step, shared_prefix=shared_prefix)
+        result = _count(engine, step, config, batches, completions, steps)
     result.update(kind=kind, strategy=strategy, traced_as=traced_as, world=world, fake=fake,
                   layout={"prompts": config.batch_size, "generations": G, "prompt_tokens": prompt_tokens,
                           "completion_tokens": L, "grad_accum": config.grad_accum},
@@ -393,10 +399,9 @@ def _pass_through_call(engine) -> None:
         setattr(module, PASS_METHOD, module.__call__)
 
 
-def _count(engine, config, grpo: bool, batches, completions, steps: int) -> dict:
+def _count(engine, step, config, batches, completions, steps: int) -> dict:
     from audio_rft.train.engine import PASS_METHOD
 
-    step = _grpo_step if grpo else _sft_step
     reference_bytes = 0
     if engine.reference is not None:
         reference_bytes = sum(_local(p).untyped_storage().nbytes() for p in engine.reference.parameters())
