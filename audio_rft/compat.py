@@ -184,11 +184,12 @@ def fake_process_group(world: int):
         dist.destroy_process_group()
 
 
-def fake_materialize(model: torch.nn.Module, fake: bool = True) -> None:
+def fake_materialize(model: torch.nn.Module, fake: bool = True, device="cpu") -> None:
     """Give a model built on the `meta` device CPU storage: fake tensors inside an active FakeTensorMode, else
     real ones with random values (for checking a trace against a real run). Parameters keep their
-    requires_grad, and PEFT's adapters the dtype it gave them. Checked with torch 2.13.0 (Module.to_empty)."""
-    model.to_empty(device="cpu")
+    requires_grad, and PEFT's adapters the dtype it gave them; real ones may live on another `device`. Checked
+    with torch 2.13.0 (Module.to_empty)."""
+    model.to_empty(device="cpu" if fake else device)
     if not fake:  # plausible values: norms at 1 and biases at 0, so activations keep their scale layer after layer
         with torch.no_grad():
             for name, param in model.named_parameters():

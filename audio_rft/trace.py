@@ -239,8 +239,9 @@ def decode_bound(core, processor_stub, batch, num_generations: int, max_new_toke
     head = core.lm_head
     logits = head_logits(head, decode_weight(head), hidden)
     token = logits.argmax(-1)
-    mask = torch.ones(rows, prompt_len + max_new_tokens, dtype=torch.long)
-    position = torch.full((rows, 1), prompt_len + max_new_tokens - 1)
+    device = batch.input_ids.device
+    mask = torch.ones(rows, prompt_len + max_new_tokens, dtype=torch.long, device=device)
+    position = torch.full((rows, 1), prompt_len + max_new_tokens - 1, device=device)
     out = lm_forward(core.model.language_model, inputs_embeds=core.get_input_embeddings()(token[:, None]),
                      attention_mask=mask, position_ids=position, cache=cache, use_cache=True)
     return output_cache(out), out.last_hidden_state
@@ -259,7 +260,7 @@ def _grpo_step(engine, config, batches, completions, counter, shared_prefix: boo
             with engine.gathered():
                 engine.run(decode_bound, None, batch, G, config.max_completion_length)
         mask = torch.ones_like(ids)
-        advantages = torch.zeros(ids.shape[0])
+        advantages = torch.zeros(ids.shape[0], device=ids.device)
         ref = old = None
         with torch.no_grad(), counter.phase("reference pass"):
             if config.beta:
@@ -299,12 +300,13 @@ def _optimizer_step(engine, config, counter, after_step) -> None:
 
 
 def trace_step(kind: str, config, shapes: dict, world: int, strategy: str, prompt_tokens: int = 830,
-               steps: int = 2, fake: bool = True, shared_prefix: bool = True) -> dict:
+               steps: int = 2, fake: bool = True, shared_prefix: bool = True, device: str = "cpu") -> dict:
     """Trace `steps` optimizer steps of a `kind` ("grpo" or "sft") stage with `config` (GRPOConfig / SFTConfig)
     on rank 0 of `world` processes under `strategy` (none, ddp or fsdp); returns the per-GPU peak in bytes with
     its breakdown. `fake=False` runs the same step on real CPU tensors (to check the trace at small sizes);
     `shared_prefix=False` traces GRPO's log-prob passes the naive way (each prompt repeated G times in one
-    sequence: rollout.completion_logprobs' plain path), to compare with ours at the same settings."""
+    sequence: rollout.completion_logprobs' plain path), to compare with ours at the same settings. `device`
+    (real tensors only): where the check runs, e.g. "cuda" (scripts/gpu_check.py)."""
     from audio_rft.model import pick_dtype
     from audio_rft.train.engine import master_dtype
 
@@ -317,11 +319,13 @@ def trace_step(kind: str, config, shapes: dict, world: int, strategy: str, promp
     grpo = kind == "grpo"
     G = config.num_generations if grpo else 1
     L = config.max_completion_length if grpo else config.max_target_tokens
-    config = replace(config, strategy=traced_as, device="cpu")
+    if fake and device != "cpu":
+        raise UserError("a fake-tensor trace runs on the CPU (fully_shard needs a real CUDA device otherwise)")
+    config = replace(config, strategy=traced_as, device=device)
     began = time.perf_counter()
     with _plain_products():
         result = _trace(kind, config, shapes, world, strategy, traced_as, ranks, compute, master, grpo, G, L,
-                        prompt_tokens, steps, fake, began, shared_prefix)
+                        prompt_tokens, steps, fake, began, shared_prefix, torch.device(device))
     result["logprob_pass"] = "shared prefix" if shared_prefix else "repeated sequence (naive)"
     return result
 
@@ -340,7 +344,7 @@ def _plain_products():
 
 
 def _trace(kind, config, shapes, world, strategy, traced_as, ranks, compute, master, grpo, G, L, prompt_tokens,
-           steps, fake, began, shared_prefix) -> dict:
+           steps, fake, began, shared_prefix, device) -> dict:
     from audio_rft.compat import fake_materialize, fake_mode, fake_process_group
     from audio_rft.train.common import optimizer_factory
     from audio_rft.train.engine import Layout, build_engine
@@ -350,18 +354,19 @@ def _trace(kind, config, shapes, world, strategy, traced_as, ranks, compute, mas
     if grpo and config.beta and not config.lora:  # full fine-tuning's frozen copy (LoRA disables its adapter)
         reference = build_model(shapes, replace(config, lora=False, gradient_checkpointing=False), compute)
     with fake_process_group(ranks) if ranks > 1 else nullcontext(), fake_mode(fake):
-        fake_materialize(model, fake)
+        fake_materialize(model, fake, device)
         vocab = shapes["text"]["vocab"]
         audio_id = model_config(shapes).audio_token_id
-        engine = build_engine(config, Layout(0, ranks, torch.device("cpu")), model, compute,
+        engine = build_engine(config, Layout(0, ranks, device), model, compute,
                               optimizer_factory(config, steps), keep_reference=False)
         if reference is not None:
-            engine.reference = _frozen_reference(reference, compute, fake, traced_as)
+            engine.reference = _frozen_reference(reference, compute, fake, traced_as, device)
         _pass_through_call(engine)
         built = time.perf_counter() - began
-        batches = [prompt_batch(shapes, config.batch_size, prompt_tokens, audio_id, vocab)
+        batches = [prompt_batch(shapes, config.batch_size, prompt_tokens, audio_id, vocab).to(device)
                    for _ in range(config.grad_accum)]
-        completions = [torch.randint(0, audio_id, (config.batch_size * G, L)) for _ in range(config.grad_accum)]
+        completions = [torch.randint(0, audio_id, (config.batch_size * G, L), device=device)
+                       for _ in range(config.grad_accum)]
         step = functools.partial(_grpo_step if grpo else _sft_step, shared_prefix=shared_prefix)
         result = _count(engine, step, config, batches, completions, steps)
     result.update(kind=kind, strategy=strategy, traced_as=traced_as, world=world, fake=fake,
@@ -372,14 +377,14 @@ def _trace(kind, config, shapes, world, strategy, traced_as, ranks, compute, mas
     return result
 
 
-def _frozen_reference(reference, compute: torch.dtype, fake: bool, strategy: str):
+def _frozen_reference(reference, compute: torch.dtype, fake: bool, strategy: str, device):
     """Full fine-tuning's frozen reference as build_engine makes it (engine._frozen_copy: the model in the compute
     dtype, eval, no gradients; sharded like the policy under fsdp), from its own meta model: a deep copy of fake
     parameters cannot be cast (torch refuses to swap a fake tensor that has weak references)."""
     from audio_rft.compat import fake_materialize
     from audio_rft.train.engine import _fully_shard
 
-    fake_materialize(reference, fake)
+    fake_materialize(reference, fake, device)
     reference.eval().requires_grad_(False)
     if strategy == "fsdp":
         _fully_shard(reference, compute)
