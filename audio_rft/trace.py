@@ -222,6 +222,7 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- the step
 
 
+@torch.no_grad()  # as sample() is
 def decode_bound(core, processor_stub, batch, num_generations: int, max_new_tokens: int):
     """What sample() holds at its last decode step, without its data-dependent stops: the prefill of G copies
     (rollout.prefill), the KV cache reserved at its full length (rollout.GrowInPlace, as sample does), and one
