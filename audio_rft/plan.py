@@ -1,5 +1,9 @@
 """`audio-rft plan`: estimate per-GPU memory of one GRPO or SFT step before renting the GPU.
 
+Each stage of a pipeline is planned under what it runs as: its `launch:` line's strategy and process count
+(audio_rft.launch), or `--gpus N` of them. The formulas below are the fast first estimate; `--trace` runs one
+step of our own code at full size on fake tensors (audio_rft.trace) and the traced peak decides what fits.
+
 It stays one module (over 500 lines) because its memory terms must be read together: one formula per term,
 each checked against the code it models, and the shapes, the estimate and its table share them.
 
