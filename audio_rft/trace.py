@@ -308,33 +308,55 @@ def trace_step(kind: str, config, shapes: dict, world: int, strategy: str, promp
     `shared_prefix=False` traces GRPO's log-prob passes the naive way (each prompt repeated G times in one
     sequence: rollout.completion_logprobs' plain path), to compare with ours at the same settings. `device`
     (real tensors only): where the check runs, e.g. "cuda" (scripts/gpu_check.py)."""
+    from audio_rft.compat import fake_materialize, fake_mode, fake_process_group
     from audio_rft.model import pick_dtype
-    from audio_rft.train.engine import master_dtype
+    from audio_rft.train.common import optimizer_factory
+    from audio_rft.train.engine import Layout, build_engine, master_dtype
 
     if strategy not in TRACEABLE:
         raise UserError(f"strategy {strategy!r} cannot be traced (only {', '.join(TRACEABLE)})")
+    if fake and device != "cpu":
+        raise UserError("a fake-tensor trace runs on the CPU (fully_shard needs a real CUDA device otherwise)")
     traced_as = "none" if strategy == "ddp" else strategy  # a ddp GPU holds what one process does (module docstring)
     ranks = world if traced_as == "fsdp" else 1
     compute = pick_dtype(config.dtype, torch.device("cuda"))
-    master = master_dtype(compute, config.lora, traced_as)
     grpo = kind == "grpo"
     G = config.num_generations if grpo else 1
     L = config.max_completion_length if grpo else config.max_target_tokens
-    if fake and device != "cpu":
-        raise UserError("a fake-tensor trace runs on the CPU (fully_shard needs a real CUDA device otherwise)")
     config = replace(config, strategy=traced_as, device=device)
     began = time.perf_counter()
-    with _plain_products():
-        result = _trace(kind, config, shapes, world, strategy, traced_as, ranks, compute, master, grpo, G, L,
-                        prompt_tokens, steps, fake, began, shared_prefix, torch.device(device))
-    result["logprob_pass"] = "shared prefix" if shared_prefix else "repeated sequence (naive)"
+    model = build_model(shapes, config, master_dtype(compute, config.lora, traced_as))
+    reference = None
+    if grpo and config.beta and not config.lora:  # full fine-tuning's frozen copy (LoRA disables its adapter)
+        reference = build_model(shapes, replace(config, lora=False, gradient_checkpointing=False), compute)
+    with _plain_products(), fake_process_group(ranks) if ranks > 1 else nullcontext(), fake_mode(fake):
+        fake_materialize(model, fake, device)
+        engine = build_engine(config, Layout(0, ranks, torch.device(device)), model, compute,
+                              optimizer_factory(config, steps), keep_reference=False)
+        if reference is not None:
+            engine.reference = _frozen_reference(reference, compute, fake, traced_as, device)
+        _pass_through_call(engine)
+        built = time.perf_counter() - began
+        audio_id = model_config(shapes).audio_token_id
+        batches = [prompt_batch(shapes, config.batch_size, prompt_tokens, audio_id, shapes["text"]["vocab"]).to(device)
+                   for _ in range(config.grad_accum)]
+        completions = [torch.randint(0, audio_id, (config.batch_size * G, L), device=device)
+                       for _ in range(config.grad_accum)]
+        step = functools.partial(_grpo_step if grpo else _sft_step, shared_prefix=shared_prefix)
+        result = _count(engine, step, config, batches, completions, steps)
+    result.update(kind=kind, strategy=strategy, traced_as=traced_as, world=world, fake=fake,
+                  logprob_pass="shared prefix" if shared_prefix else "repeated sequence (naive)",
+                  layout={"prompts": config.batch_size, "generations": G, "prompt_tokens": prompt_tokens,
+                          "completion_tokens": L, "grad_accum": config.grad_accum},
+                  seconds={"build": round(built, 1), "total": round(time.perf_counter() - began, 1)},
+                  rollout="bounded: prefill of G copies + KV cache at full length + the last decode step")
     return result
 
 
 @contextmanager
 def _plain_products():
-    """The step as a GPU runs it: rollout.frozen_linear's oneDNN packed copy of a frozen weight is a CPU-only speed-up
-    (an extra copy of the head that no GPU run holds)."""
+    """The step as a GPU runs it: rollout.frozen_linear's oneDNN packed copy of a frozen weight is a CPU-only
+    speed-up (an extra copy of the head that no GPU run holds)."""
     from audio_rft import rollout
 
     packing, rollout._ONEDNN = rollout._ONEDNN, False
@@ -342,40 +364,6 @@ def _plain_products():
         yield
     finally:
         rollout._ONEDNN = packing
-
-
-def _trace(kind, config, shapes, world, strategy, traced_as, ranks, compute, master, grpo, G, L, prompt_tokens,
-           steps, fake, began, shared_prefix, device) -> dict:
-    from audio_rft.compat import fake_materialize, fake_mode, fake_process_group
-    from audio_rft.train.common import optimizer_factory
-    from audio_rft.train.engine import Layout, build_engine
-
-    model = build_model(shapes, config, master)
-    reference = None
-    if grpo and config.beta and not config.lora:  # full fine-tuning's frozen copy (LoRA disables its adapter)
-        reference = build_model(shapes, replace(config, lora=False, gradient_checkpointing=False), compute)
-    with fake_process_group(ranks) if ranks > 1 else nullcontext(), fake_mode(fake):
-        fake_materialize(model, fake, device)
-        vocab = shapes["text"]["vocab"]
-        audio_id = model_config(shapes).audio_token_id
-        engine = build_engine(config, Layout(0, ranks, device), model, compute,
-                              optimizer_factory(config, steps), keep_reference=False)
-        if reference is not None:
-            engine.reference = _frozen_reference(reference, compute, fake, traced_as, device)
-        _pass_through_call(engine)
-        built = time.perf_counter() - began
-        batches = [prompt_batch(shapes, config.batch_size, prompt_tokens, audio_id, vocab).to(device)
-                   for _ in range(config.grad_accum)]
-        completions = [torch.randint(0, audio_id, (config.batch_size * G, L), device=device)
-                       for _ in range(config.grad_accum)]
-        step = functools.partial(_grpo_step if grpo else _sft_step, shared_prefix=shared_prefix)
-        result = _count(engine, step, config, batches, completions, steps)
-    result.update(kind=kind, strategy=strategy, traced_as=traced_as, world=world, fake=fake,
-                  layout={"prompts": config.batch_size, "generations": G, "prompt_tokens": prompt_tokens,
-                          "completion_tokens": L, "grad_accum": config.grad_accum},
-                  seconds={"build": round(built, 1), "total": round(time.perf_counter() - began, 1)},
-                  rollout="bounded: prefill of G copies + KV cache at full length + the last decode step")
-    return result
 
 
 def _frozen_reference(reference, compute: torch.dtype, fake: bool, strategy: str, device):
