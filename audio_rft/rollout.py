@@ -361,7 +361,8 @@ class ReadOnlyPrefix(CacheLayer):
     forward: `cat` reads them through a broadcast view (no repeated copy is made), and autograd sums their
     G gradients in that layer's backward. Repeated before the completion pass, as they once were, every
     layer's (B·G, heads, P, head dim) prefix gradient waited for the end of backward (the repeat ran before
-    the pass, so its backward runs after all of it): ~0.5 GiB per layer at the 7B with checkpointing.
+    the pass, so its backward runs after all of it): traced at the 7B with checkpointing, the policy pass
+    held 6.6 GiB more per GPU that way (docs/performance.md).
     """
 
     @classmethod
