@@ -140,8 +140,9 @@ def fake_mode(enabled: bool = True):
 
     Propagation otherwise reuses the outer fake mode (torch.distributed.tensor._sharding_prop.detect_fake_mode)
     and the memory trackers count its global-size temporaries as if they were allocated (a foreach AdamW step
-    came out 13.5 times too large). Module.to() on fake parameters assigns new ones instead of swapping
-    tensors in place (which fake tensors refuse: "has weakref associated with it"). Checked with torch 2.13.0."""
+    came out 13.5 times too large). A module's fake parameters cannot change dtype (Module.to swaps them in
+    place, which fake tensors refuse: "has weakref associated with it"): build on `meta` in the final dtype,
+    then fake_materialize. Checked with torch 2.13.0."""
     if not enabled:
         yield None
         return
@@ -149,15 +150,12 @@ def fake_mode(enabled: bool = True):
     from torch.distributed.tensor import _sharding_prop
 
     detect = _sharding_prop.detect_fake_mode
-    overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
     _sharding_prop.detect_fake_mode = lambda *args, **kwargs: None
-    torch.__future__.set_overwrite_module_params_on_conversion(True)
     try:
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             yield mode
     finally:
         _sharding_prop.detect_fake_mode = detect
-        torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
 
 
 @contextmanager
@@ -186,11 +184,12 @@ def fake_process_group(world: int):
         dist.destroy_process_group()
 
 
-def fake_materialize(model: torch.nn.Module, fake: bool = True) -> None:
+def fake_materialize(model: torch.nn.Module, fake: bool = True, device="cpu") -> None:
     """Give a model built on the `meta` device CPU storage: fake tensors inside an active FakeTensorMode, else
     real ones with random values (for checking a trace against a real run). Parameters keep their
-    requires_grad, and PEFT's adapters the dtype it gave them. Checked with torch 2.13.0 (Module.to_empty)."""
-    model.to_empty(device="cpu")
+    requires_grad, and PEFT's adapters the dtype it gave them; real ones may live on another `device`. Checked
+    with torch 2.13.0 (Module.to_empty)."""
+    model.to_empty(device="cpu" if fake else device)
     if not fake:  # plausible values: norms at 1 and biases at 0, so activations keep their scale layer after layer
         with torch.no_grad():
             for name, param in model.named_parameters():

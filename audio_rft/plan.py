@@ -1,5 +1,9 @@
 """`audio-rft plan`: estimate per-GPU memory of one GRPO or SFT step before renting the GPU.
 
+Each stage of a pipeline is planned under what it runs as: its `launch:` line's strategy and process count
+(audio_rft.launch), or `--gpus N` of them. The formulas below are the fast first estimate; `--trace` runs one
+step of our own code at full size on fake tensors (audio_rft.trace) and the traced peak decides what fits.
+
 It stays one module (over 500 lines) because its memory terms must be read together: one formula per term,
 each checked against the code it models, and the shapes, the estimate and its table share them.
 
@@ -534,12 +538,17 @@ def stage_launch(name: str, config, stage, pipeline: Path | None, gpus: int | No
 
 def plan(path: str | Path, gpu_gb: float = 80.0, kind: str = "auto", prompt_tokens: int = 830, device: str = "cuda",
          overrides: list[str] | tuple[str, ...] = (), model: str | None = None, gpus: int | None = None,
-         strategy: str | None = None, trace: bool = False) -> list[dict]:
+         strategy: str | None = None, trace: bool = False, shared_prefix: bool = True,
+         only: list[str] | tuple[str, ...] = ()) -> list[dict]:
     """Per stage: the estimate under the strategy the stage runs under (its `launch:` line, or `strategy` when
     given) on its processes (the launch line's, or `gpus`), with `per_gpu_gib` and `fits`, and `strategies`: the
     same for ddp, fsdp and zero3 side by side. With `trace`, one step traced at full size (audio_rft.trace) beside
     the formula: the traced figure decides `fits`."""
     targets, stages = plan_targets(path, kind, overrides)
+    unknown = set(only) - {name for name, _, _ in targets}
+    if unknown:
+        raise UserError(f"--only {', '.join(sorted(unknown))}: no such sft/grpo stage in {path}")
+    targets = [t for t in targets if not only or t[0] in only]
     by_name = {stage.name: stage for stage in stages}
     pipeline = Path(path) if stages else None
     results = []
@@ -564,7 +573,8 @@ def plan(path: str | Path, gpu_gb: float = 80.0, kind: str = "auto", prompt_toke
                                           "fits": fits(other["total_bytes"], gpu_gb)}
                                   for label, other in others.items()})
         if trace:
-            result["trace"] = traced(stage_kind, config, shapes, processes, result["strategy"], prompt_tokens, device)
+            result["trace"] = traced(stage_kind, config, shapes, processes, result["strategy"], prompt_tokens, device,
+                                     shared_prefix)
             if "peak_bytes" in result["trace"]:
                 total = result["trace"]["total_bytes"]
                 result.update(per_gpu_gib=round(total / GIB, 2), fits=fits(total, gpu_gb), fits_by="trace",
@@ -573,14 +583,15 @@ def plan(path: str | Path, gpu_gb: float = 80.0, kind: str = "auto", prompt_toke
     return results
 
 
-def traced(kind: str, config, shapes: dict, processes: int, strategy: str, prompt_tokens: int, device: str) -> dict:
+def traced(kind: str, config, shapes: dict, processes: int, strategy: str, prompt_tokens: int, device: str,
+           shared_prefix: bool = True) -> dict:
     """audio_rft.trace.trace_step for a stage, plus the CUDA context; or why it cannot be traced."""
     from audio_rft.trace import TRACEABLE, trace_step
 
     if strategy not in TRACEABLE:
         return {"skipped": f"{strategy} cannot be traced on fake tensors (DeepSpeed allocates real buffers): "
                            "the formula stands"}
-    result = trace_step(kind, config, shapes, processes, strategy, prompt_tokens)
+    result = trace_step(kind, config, shapes, processes, strategy, prompt_tokens, shared_prefix=shared_prefix)
     result["cuda_context_bytes"] = CUDA_CONTEXT_BYTES if device != "cpu" else 0
     result["total_bytes"] = result["peak_bytes"] + result["cuda_context_bytes"]
     return result
@@ -629,6 +640,12 @@ def add_parser(subparsers, command: str) -> None:
                         help="also trace one step of each stage at full size (fake tensors, a fake process group of "
                              "the stage's world size; ddp and none as one process): the traced per-GPU peak and its "
                              "breakdown beside the formula, and the trace decides whether it fits (minutes)")
+    parser.add_argument("--trace-pass", choices=["shared", "repeated"], default="shared",
+                        help="GRPO's log-prob passes in the trace: shared (each prompt prefilled once for its G "
+                             "completions, what training runs) or repeated (the naive pass, each prompt repeated G "
+                             "times in one sequence), to compare the two at the same settings")
+    parser.add_argument("--only", action="append", default=[], metavar="STAGE",
+                        help="plan only this stage of a pipeline (repeatable)")
     parser.add_argument("--summary", action="store_true", help="print only the one-line-per-stage summary")
     parser.add_argument("--write-pipeline", metavar="FILE",
                         help="write the pipeline for --gpus GPUs: each launch line with that process count, the stages "
@@ -653,7 +670,7 @@ def add_parser(subparsers, command: str) -> None:
         if args.write_pipeline and not args.gpus:
             raise UserError("--write-pipeline needs --gpus N (the GPUs the pipeline will run on)")
         results = plan(args.config, args.gpu_gb, args.kind, args.prompt_tokens, args.device, args.overrides, args.model,
-                       args.gpus, args.strategy, args.trace)
+                       args.gpus, args.strategy, args.trace, args.trace_pass == "shared", args.only)
         if not args.summary:
             print("\n\n".join(format_table(r["name"], r, args.gpu_gb) for r in results) + "\n")
         print(fit_summary(results, args.gpu_gb))

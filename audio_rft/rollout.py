@@ -363,18 +363,33 @@ class PromptOnly(CacheLayer):
 
 
 class ReadOnlyPrefix(CacheLayer):
-    """One layer's prompt keys/values, repeated per completion, that a forward reads but never extends."""
+    """One layer's prompt keys/values, read by each of a prompt's G completions, never extended.
+
+    The prompt's keys and values are kept once and joined to each completion's inside the layer's own
+    forward: `cat` reads them through a broadcast view (no repeated copy is made), and autograd sums their
+    G gradients in that layer's backward. Repeated before the completion pass, as they once were, every
+    layer's (B·G, heads, P, head dim) prefix gradient waited for the end of backward (the repeat ran before
+    the pass, so its backward runs after all of it): traced at the 7B with checkpointing, the policy pass
+    held 6.6 GiB more per GPU that way (docs/performance.md).
+    """
 
     @classmethod
     def repeated(cls, prompt: CacheLayer, repeats: int) -> "ReadOnlyPrefix":
         layer = cls()
         layer.lazy_initialization(prompt.keys, prompt.values)
-        layer.keys = prompt.keys.repeat_interleave(repeats, 0)
-        layer.values = prompt.values.repeat_interleave(repeats, 0)
+        layer.keys, layer.values, layer.repeats = prompt.keys, prompt.values, repeats
         return layer
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+        return self._joined(self.keys, key_states), self._joined(self.values, value_states)
+
+    def _joined(self, prefix: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """[prefix, new] along the tokens for every completion: (B·G, heads, P + L, head dim), row i·G + g being
+        prompt i's prefix and completion g's own, as repeat_interleave(G) then cat would give."""
+        batch, heads, _, dim = prefix.shape
+        shared = prefix[:, None].expand(batch, self.repeats, heads, prefix.shape[-2], dim)
+        own = new.view(batch, self.repeats, heads, new.shape[-2], dim)
+        return torch.cat([shared, own], dim=-2).flatten(0, 1)
 
 
 LOGPROB_CHUNK_ELEMENTS = 2**25  # logits per chunk (128 MiB in fp32): 215 rows at Qwen2-Audio's vocabulary

@@ -29,6 +29,7 @@ workspaces. The fake-tensor pieces rest on torch internals, all in audio_rft.com
 
 from __future__ import annotations
 
+import functools
 import time
 import types
 import weakref
@@ -221,6 +222,7 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- the step
 
 
+@torch.no_grad()  # as sample() is
 def decode_bound(core, processor_stub, batch, num_generations: int, max_new_tokens: int):
     """What sample() holds at its last decode step, without its data-dependent stops: the prefill of G copies
     (rollout.prefill), the KV cache reserved at its full length (rollout.GrowInPlace, as sample does), and one
@@ -238,14 +240,15 @@ def decode_bound(core, processor_stub, batch, num_generations: int, max_new_toke
     head = core.lm_head
     logits = head_logits(head, decode_weight(head), hidden)
     token = logits.argmax(-1)
-    mask = torch.ones(rows, prompt_len + max_new_tokens, dtype=torch.long)
-    position = torch.full((rows, 1), prompt_len + max_new_tokens - 1)
+    device = batch.input_ids.device
+    mask = torch.ones(rows, prompt_len + max_new_tokens, dtype=torch.long, device=device)
+    position = torch.full((rows, 1), prompt_len + max_new_tokens - 1, device=device)
     out = lm_forward(core.model.language_model, inputs_embeds=core.get_input_embeddings()(token[:, None]),
                      attention_mask=mask, position_ids=position, cache=cache, use_cache=True)
     return output_cache(out), out.last_hidden_state
 
 
-def _grpo_step(engine, config, batches, completions, counter) -> None:
+def _grpo_step(engine, config, batches, completions, counter, shared_prefix: bool = True) -> None:
     from audio_rft.rollout import completion_logprobs, with_audio_encoded
     from audio_rft.train.grpo import grpo_loss
 
@@ -258,25 +261,25 @@ def _grpo_step(engine, config, batches, completions, counter) -> None:
             with engine.gathered():
                 engine.run(decode_bound, None, batch, G, config.max_completion_length)
         mask = torch.ones_like(ids)
-        advantages = torch.zeros(ids.shape[0])
+        advantages = torch.zeros(ids.shape[0], device=ids.device)
         ref = old = None
         with torch.no_grad(), counter.phase("reference pass"):
             if config.beta:
-                ref = engine.run_reference(completion_logprobs, batch, ids, G, temperature=temperature)
+                ref = engine.run_reference(completion_logprobs, batch, ids, G, shared_prefix, temperature=temperature)
             if config.num_iterations > 1:
-                old = engine.run(completion_logprobs, batch, ids, G, temperature=temperature)
+                old = engine.run(completion_logprobs, batch, ids, G, shared_prefix, temperature=temperature)
         rollouts.append((batch, ids, mask, advantages, ref, old))
     engine.core.train()
     with counter.phase("policy pass"):
         for i, (batch, ids, mask, advantages, ref, old) in enumerate(rollouts):
             engine.sync_gradients(i == len(rollouts) - 1)
-            logprobs = engine.run(completion_logprobs, batch, ids, G, temperature=temperature)
+            logprobs = engine.run(completion_logprobs, batch, ids, G, shared_prefix, temperature=temperature)
             loss, _ = grpo_loss(logprobs, old, ref, advantages, mask, config.beta, config.epsilon_low,
                                 config.epsilon_high, config.loss_type, config.max_completion_length)
             engine.backward(loss / config.grad_accum)
 
 
-def _sft_step(engine, config, batches, completions, counter) -> None:
+def _sft_step(engine, config, batches, completions, counter, shared_prefix: bool = True) -> None:
     from audio_rft.train.sft import sft_nll
 
     engine.core.train()
@@ -298,33 +301,79 @@ def _optimizer_step(engine, config, counter, after_step) -> None:
 
 
 def trace_step(kind: str, config, shapes: dict, world: int, strategy: str, prompt_tokens: int = 830,
-               steps: int = 2, fake: bool = True) -> dict:
+               steps: int = 2, fake: bool = True, shared_prefix: bool = True, device: str = "cpu") -> dict:
     """Trace `steps` optimizer steps of a `kind` ("grpo" or "sft") stage with `config` (GRPOConfig / SFTConfig)
     on rank 0 of `world` processes under `strategy` (none, ddp or fsdp); returns the per-GPU peak in bytes with
-    its breakdown. `fake=False` runs the same step on real CPU tensors (to check the trace at small sizes)."""
+    its breakdown. `fake=False` runs the same step on real CPU tensors (to check the trace at small sizes);
+    `shared_prefix=False` traces GRPO's log-prob passes the naive way (each prompt repeated G times in one
+    sequence: rollout.completion_logprobs' plain path), to compare with ours at the same settings. `device`
+    (real tensors only): where the check runs, e.g. "cuda" (scripts/gpu_check.py)."""
+    from audio_rft.compat import fake_materialize, fake_mode, fake_process_group
     from audio_rft.model import pick_dtype
-    from audio_rft.train.engine import master_dtype
+    from audio_rft.train.common import optimizer_factory
+    from audio_rft.train.engine import Layout, build_engine, master_dtype
 
     if strategy not in TRACEABLE:
         raise UserError(f"strategy {strategy!r} cannot be traced (only {', '.join(TRACEABLE)})")
+    if fake and device != "cpu":
+        raise UserError("a fake-tensor trace runs on the CPU (fully_shard needs a real CUDA device otherwise)")
     traced_as = "none" if strategy == "ddp" else strategy  # a ddp GPU holds what one process does (module docstring)
     ranks = world if traced_as == "fsdp" else 1
     compute = pick_dtype(config.dtype, torch.device("cuda"))
-    master = master_dtype(compute, config.lora, traced_as)
     grpo = kind == "grpo"
     G = config.num_generations if grpo else 1
     L = config.max_completion_length if grpo else config.max_target_tokens
-    config = replace(config, strategy=traced_as, device="cpu")
+    config = replace(config, strategy=traced_as, device=device)
     began = time.perf_counter()
-    with _plain_products():
-        return _trace(kind, config, shapes, world, strategy, traced_as, ranks, compute, master, grpo, G, L,
-                      prompt_tokens, steps, fake, began)
+    model = build_model(shapes, config, master_dtype(compute, config.lora, traced_as))
+    reference = None
+    if grpo and config.beta and not config.lora:  # full fine-tuning's frozen copy (LoRA disables its adapter)
+        reference = build_model(shapes, replace(config, lora=False, gradient_checkpointing=False), compute)
+    with _plain_products(), fake_process_group(ranks) if ranks > 1 else nullcontext(), fake_mode(fake):
+        fake_materialize(model, fake, device)
+        with _no_weights_to_load(fake):
+            engine = build_engine(config, Layout(0, ranks, torch.device(device)), model, compute,
+                                  optimizer_factory(config, steps), reference=False)
+        if reference is not None:
+            engine.reference = _frozen_reference(reference, compute, fake, traced_as, device)
+        _pass_through_call(engine)
+        built = time.perf_counter() - began
+        audio_id = model_config(shapes).audio_token_id
+        batches = [prompt_batch(shapes, config.batch_size, prompt_tokens, audio_id, shapes["text"]["vocab"]).to(device)
+                   for _ in range(config.grad_accum)]
+        completions = [torch.randint(0, audio_id, (config.batch_size * G, L), device=device)
+                       for _ in range(config.grad_accum)]
+        step = functools.partial(_grpo_step if grpo else _sft_step, shared_prefix=shared_prefix)
+        result = _count(engine, step, config, batches, completions, steps)
+    result.update(kind=kind, strategy=strategy, traced_as=traced_as, world=world, fake=fake,
+                  logprob_pass="shared prefix" if shared_prefix else "repeated sequence (naive)",
+                  layout={"prompts": config.batch_size, "generations": G, "prompt_tokens": prompt_tokens,
+                          "completion_tokens": L, "grad_accum": config.grad_accum},
+                  seconds={"build": round(built, 1), "total": round(time.perf_counter() - began, 1)},
+                  rollout="bounded: prefill of G copies + KV cache at full length + the last decode step")
+    return result
+
+
+@contextmanager
+def _no_weights_to_load(fake: bool):
+    """Fake weights have no values to send: engine.load_shards (rank 0's weights broadcast into every rank's
+    shard) reads offsets as numbers, which fake tensors cannot give, and would move nothing."""
+    from audio_rft.train import engine
+
+    if not fake:
+        yield
+        return
+    real, engine.load_shards = engine.load_shards, lambda model, loaded: None
+    try:
+        yield
+    finally:
+        engine.load_shards = real
 
 
 @contextmanager
 def _plain_products():
-    """The step as a GPU runs it: rollout.frozen_linear's oneDNN packed copy of a frozen weight is a CPU-only speed-up
-    (an extra copy of the head that no GPU run holds)."""
+    """The step as a GPU runs it: rollout.frozen_linear's oneDNN packed copy of a frozen weight is a CPU-only
+    speed-up (an extra copy of the head that no GPU run holds)."""
     from audio_rft import rollout
 
     packing, rollout._ONEDNN = rollout._ONEDNN, False
@@ -334,46 +383,14 @@ def _plain_products():
         rollout._ONEDNN = packing
 
 
-def _trace(kind, config, shapes, world, strategy, traced_as, ranks, compute, master, grpo, G, L, prompt_tokens,
-           steps, fake, began) -> dict:
-    from audio_rft.compat import fake_materialize, fake_mode, fake_process_group
-    from audio_rft.train.common import optimizer_factory
-    from audio_rft.train.engine import Layout, build_engine
-
-    model = build_model(shapes, config, master)
-    reference = None
-    if grpo and config.beta and not config.lora:  # full fine-tuning's frozen copy (LoRA disables its adapter)
-        reference = build_model(shapes, replace(config, lora=False, gradient_checkpointing=False), compute)
-    with fake_process_group(ranks) if ranks > 1 else nullcontext(), fake_mode(fake):
-        fake_materialize(model, fake)
-        vocab = shapes["text"]["vocab"]
-        audio_id = model_config(shapes).audio_token_id
-        engine = build_engine(config, Layout(0, ranks, torch.device("cpu")), model, compute,
-                              optimizer_factory(config, steps), keep_reference=False)
-        if reference is not None:
-            engine.reference = _frozen_reference(reference, compute, fake, traced_as)
-        _pass_through_call(engine)
-        built = time.perf_counter() - began
-        batches = [prompt_batch(shapes, config.batch_size, prompt_tokens, audio_id, vocab)
-                   for _ in range(config.grad_accum)]
-        completions = [torch.randint(0, audio_id, (config.batch_size * G, L)) for _ in range(config.grad_accum)]
-        result = _count(engine, config, grpo, batches, completions, steps)
-    result.update(kind=kind, strategy=strategy, traced_as=traced_as, world=world, fake=fake,
-                  layout={"prompts": config.batch_size, "generations": G, "prompt_tokens": prompt_tokens,
-                          "completion_tokens": L, "grad_accum": config.grad_accum},
-                  seconds={"build": round(built, 1), "total": round(time.perf_counter() - began, 1)},
-                  rollout="bounded: prefill of G copies + KV cache at full length + the last decode step")
-    return result
-
-
-def _frozen_reference(reference, compute: torch.dtype, fake: bool, strategy: str):
+def _frozen_reference(reference, compute: torch.dtype, fake: bool, strategy: str, device):
     """Full fine-tuning's frozen reference as build_engine makes it (engine._frozen_copy: the model in the compute
     dtype, eval, no gradients; sharded like the policy under fsdp), from its own meta model: a deep copy of fake
     parameters cannot be cast (torch refuses to swap a fake tensor that has weak references)."""
     from audio_rft.compat import fake_materialize
     from audio_rft.train.engine import _fully_shard
 
-    fake_materialize(reference, fake)
+    fake_materialize(reference, fake, device)
     reference.eval().requires_grad_(False)
     if strategy == "fsdp":
         _fully_shard(reference, compute)
@@ -393,10 +410,9 @@ def _pass_through_call(engine) -> None:
         setattr(module, PASS_METHOD, module.__call__)
 
 
-def _count(engine, config, grpo: bool, batches, completions, steps: int) -> dict:
+def _count(engine, step, config, batches, completions, steps: int) -> dict:
     from audio_rft.train.engine import PASS_METHOD
 
-    step = _grpo_step if grpo else _sft_step
     reference_bytes = 0
     if engine.reference is not None:
         reference_bytes = sum(_local(p).untyped_storage().nbytes() for p in engine.reference.parameters())

@@ -184,3 +184,46 @@ def test_checkpoint_names_are_the_hub_checkpoints_names(tiny_model, tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"]
     for (name, original), (_, reloaded) in zip(model.named_parameters(), loaded.named_parameters()):
         assert torch.equal(reloaded, original + 1.0), name
+
+
+# ---------------------------------------------------------------- torch internals of the trace (audio_rft.trace)
+
+
+def test_fake_mode_gives_sharding_propagation_its_own_mode_and_restores_it():
+    from torch.distributed.tensor import _sharding_prop
+
+    detect = _sharding_prop.detect_fake_mode
+    with compat.fake_mode() as mode:
+        assert _sharding_prop.detect_fake_mode() is None  # propagation then makes a mode of its own
+        tensor = torch.empty(1000, 1000)
+        assert compat.is_fake(tensor) and tensor.fake_mode is mode
+    assert _sharding_prop.detect_fake_mode is detect
+    assert not compat.is_fake(torch.zeros(1))
+
+
+def test_fake_process_group_shards_by_its_world_size_and_the_tracker_peak_can_restart():
+    import torch.distributed as dist
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.distributed.fsdp import fully_shard
+
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 256))
+    with compat.fake_process_group(4), compat.fake_mode():
+        assert dist.get_world_size() == 4
+        compat.fake_materialize(model)
+        for layer in model:
+            fully_shard(layer)
+        fully_shard(model)
+        assert model[0].weight.to_local().shape == (64, 256)
+        optimizer = torch.optim.AdamW(model.parameters())
+        tracker = FSDPMemTracker(model, optimizer)
+        with tracker:
+            model(torch.randn(8, 256)).sum().backward()
+            optimizer.step()
+            peak, _ = compat.tracker_peak(tracker)
+            restarted = compat.tracker_restart_peak(tracker)
+            assert restarted[0] == peak and compat.tracker_peak(tracker)[0] <= peak
+            compat.tracker_restart_peak(tracker, restarted)
+            assert compat.tracker_peak(tracker)[0] == peak
+        assert peak >= 2 * 2 * 256 * 256 * 4 / 4  # AdamW's two moments of each layer's shard, at least
+    assert not dist.is_initialized()

@@ -1,5 +1,6 @@
 """audio_rft.launch: what a stage's `launch:` line runs (plan reads it), the line for another GPU count, and
-scripts/reproduce_r1_aqa.sh, which keeps each stage's strategy for any GPU count."""
+scripts/reproduce_r1_aqa.sh, which keeps each stage's strategy for any GPU count (its dry run: ~4 s each
+on a quiet 2-core machine)."""
 
 from __future__ import annotations
 
@@ -102,7 +103,6 @@ def _reproduce(tmp_path: Path, gpus: int) -> str:
     return done.stdout + done.stderr
 
 
-@pytest.mark.slow
 def test_reproduce_script_on_8_gpus_keeps_fsdp_for_full_fine_tuning_and_ddp_for_lora(tmp_path):
     out = _reproduce(tmp_path, 8)
     lines = {line.split(":")[0].strip(): line for line in out.splitlines() if "launch:" in line and "would run" in line}
@@ -112,7 +112,6 @@ def test_reproduce_script_on_8_gpus_keeps_fsdp_for_full_fine_tuning_and_ddp_for_
         assert config_file in line and "--num_processes 8" in line
 
 
-@pytest.mark.slow
 def test_reproduce_script_on_1_gpu_runs_in_process_and_says_what_it_skips(tmp_path):
     out = _reproduce(tmp_path, 1)
     assert "grpo-full: skipped: needs" in out and "sft-full: skipped: needs" in out
@@ -122,3 +121,20 @@ def test_reproduce_script_on_1_gpu_runs_in_process_and_says_what_it_skips(tmp_pa
     names = [s["name"] for s in fitted["stages"]]
     assert "grpo-full" not in names and "sft-full" not in names and "grpo" in names
     assert not any("launch" in s for s in fitted["stages"])
+
+
+def test_pipelines_readme_quotes_what_plan_prints_for_r1_aqa():
+    import re
+
+    text = (REPO / "pipelines" / "README.md").read_text()
+    table = text[text.index("| stage | as launched: 8 GPUs | on 1 GPU (in-process) |"):].split("\n\n")[0]
+    rows = {}
+    for line in table.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0].split(" ")[0]] = [float(re.search(r"\d+\.\d+", c).group()) for c in cells[1:]]
+    launched8 = {r["name"]: r for r in plan(R1_AQA)}
+    one = {r["name"]: r for r in plan(R1_AQA, gpus=1)}
+    assert set(rows) == set(launched8)
+    for name, (eight, single) in rows.items():
+        assert eight == launched8[name]["per_gpu_gib"] and single == one[name]["per_gpu_gib"], name
+    assert "commented" not in text.split("## The paper on a GPU")[1].split("## Several GPUs")[0]
