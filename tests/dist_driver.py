@@ -223,6 +223,11 @@ def main() -> None:
                 Engine.optimizer_step = real_step
             if real_nll is not None:
                 sft.sft_nll = real_nll
+    # Leave together: a rank that exits while another still talks to it (a last job without a collective at its
+    # end, such as kto_z0) can abort in gloo's teardown ("terminate called without an active exception").
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
